@@ -1,0 +1,49 @@
+# nanosft: offline SFT data pipeline + lean trainer. `make help` lists the targets.
+PYTHON   ?= python3
+VENV     ?= .venv
+BIN      := $(VENV)/bin
+RECIPE   ?= demo
+DATA_DIR ?= data
+SNAPSHOT ?=
+ARGS     ?=
+STAMP    := $(VENV)/.installed-stamp
+
+.PHONY: help install prepare-data verify-data train test test-fast bench clean-data
+
+help:
+	@echo "make prepare-data [RECIPE=demo] [DATA_DIR=data] [ARGS=...]  build (or reuse) a verified snapshot"
+	@echo "make verify-data  [RECIPE=...] [SNAPSHOT=dir]                recheck a snapshot's hashes and rows"
+	@echo "make train        [SNAPSHOT=dir | RECIPE=... DATA_DIR=...] [ARGS=...]  fine-tune on a snapshot"
+	@echo "make test | test-fast | bench"
+
+# One local virtual environment, created on first use. torch==2.13.0 is installed only where no torch
+# is present (a CPU wheel on this kind of machine); any installed torch in the project's range is kept.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[train,test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+prepare-data: $(STAMP)
+	$(BIN)/python -m pipeline.prepare --recipe $(RECIPE) --data-dir $(DATA_DIR) $(ARGS)
+
+verify-data: $(STAMP)
+	$(BIN)/python -m pipeline.verify $(SNAPSHOT) --recipe $(RECIPE) --data-dir $(DATA_DIR)
+
+train: $(STAMP)
+	$(BIN)/python -m trainer.train $(if $(SNAPSHOT),--snapshot $(SNAPSHOT),--recipe $(RECIPE) --data-dir $(DATA_DIR)) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_prepare.py $(ARGS)
+
+clean-data:
+	rm -rf $(DATA_DIR)/snapshots $(DATA_DIR)/cache

@@ -1,0 +1,60 @@
+"""Pack a snapshot into one zstandard-compressed tar: python -m pipeline.export SNAPSHOT FILE.tar.zst
+
+The archive holds one folder named like the snapshot; the manifest is its last member.
+Written to a temporary name and renamed, so a killed export leaves no half archive.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tarfile
+from pathlib import Path
+
+import zstandard
+
+from pipeline.errors import SnapshotError
+from pipeline.manifest import snapshot_files, verify_snapshot
+
+
+def export_snapshot(snapshot: Path, archive: Path, level: int = 10) -> Path:
+    snapshot = Path(snapshot).resolve()
+    manifest = verify_snapshot(snapshot, full=True)  # never ship a snapshot that does not verify
+    archive = Path(archive)
+    tmp = archive.with_name(f".{archive.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as raw:
+            cctx = zstandard.ZstdCompressor(level=level, threads=-1)
+            with cctx.stream_writer(raw) as zout, tarfile.open(fileobj=zout, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                for name in snapshot_files(manifest):
+                    info = tar.gettarinfo(str(snapshot / name), arcname=f"{snapshot.name}/{name}")
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    info.mtime = 0  # reproducible archive bytes
+                    info.mode = 0o644
+                    with open(snapshot / name, "rb") as f:
+                        tar.addfile(info, f)
+        os.replace(tmp, archive)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return archive
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__.split("\n")[0])
+    ap.add_argument("snapshot", type=Path)
+    ap.add_argument("archive", type=Path)
+    ap.add_argument("--level", type=int, default=10, help="zstd level (1-22)")
+    args = ap.parse_args(argv)
+    try:
+        out = export_snapshot(args.snapshot, args.archive, args.level)
+    except SnapshotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Unpack and verify a snapshot archive: python -m pipeline.import FILE.tar.zst --data-dir DIR
+
+Members must be regular files inside one top-level folder; anything else (absolute paths,
+`..`, links, devices) is refused before a byte is written. The snapshot is unpacked into a
+temporary folder, verified against its manifest, then renamed into <data_dir>/snapshots/.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import tarfile
+from pathlib import Path, PurePosixPath
+
+import zstandard
+
+from pipeline.errors import SnapshotError
+from pipeline.manifest import verify_snapshot
+
+_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def _safe_member(member: tarfile.TarInfo, archive: Path) -> tuple[str, str]:
+    """(snapshot folder, file name) of a member, or SnapshotError if it could escape the target."""
+    path = PurePosixPath(member.name)
+    parts = path.parts
+    if not member.isfile():
+        raise SnapshotError(f"member {member.name!r} is not a regular file (links and devices are refused)",
+                            file=archive)
+    if path.is_absolute() or len(parts) != 2 or any(p in ("", ".", "..") or not _NAME.match(p) for p in parts):
+        raise SnapshotError(f"member {member.name!r} is not <snapshot>/<file>: refused (it could escape the "
+                            "target folder)", file=archive)
+    return parts[0], parts[1]
+
+
+def import_snapshot(archive: Path, data_dir: Path) -> Path:
+    archive = Path(archive)
+    if not archive.is_file():
+        raise SnapshotError("archive not found", file=archive)
+    snapshots = Path(data_dir) / "snapshots"
+    snapshots.mkdir(parents=True, exist_ok=True)
+    tmp = snapshots / f".import.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    folder = None
+    try:
+        with open(archive, "rb") as raw:
+            try:
+                zin = zstandard.ZstdDecompressor().stream_reader(raw)
+                with tarfile.open(fileobj=zin, mode="r|") as tar:
+                    for member in tar:
+                        name, file = _safe_member(member, archive)
+                        if folder is not None and name != folder:
+                            raise SnapshotError(f"archive holds more than one folder ({folder}, {name})", file=archive)
+                        folder = name
+                        src = tar.extractfile(member)
+                        with open(tmp / file, "xb") as out:
+                            shutil.copyfileobj(src, out, 1 << 22)
+            except (tarfile.TarError, zstandard.ZstdError, EOFError) as e:
+                raise SnapshotError(f"not a readable .tar.zst snapshot archive ({e})", file=archive) from None
+        if folder is None:
+            raise SnapshotError("archive is empty", file=archive)
+        verify_snapshot(tmp, full=True)
+        final = snapshots / folder
+        if final.exists():
+            verify_snapshot(final, full=True)
+            print(f"{final} already exists and verifies; leaving it as is", file=sys.stderr)
+            return final
+        os.replace(tmp, final)
+        return final
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.import", description=__doc__.split("\n")[0])
+    ap.add_argument("archive", type=Path)
+    ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("NANOCHAT_BASE_DIR") or "data"))
+    args = ap.parse_args(argv)
+    try:
+        out = import_snapshot(args.archive, args.data_dir)
+    except SnapshotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

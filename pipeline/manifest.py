@@ -1,0 +1,171 @@
+"""Snapshot manifests, ids, lock files and verification (design §6).
+
+A snapshot folder holds its shards and `manifest.json`, written last: a folder without a
+manifest is not a snapshot. The id hashes everything that determines the bytes, so the
+same inputs give the same id and the same files on any machine and for any worker count.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import SnapshotError
+from pipeline.shard_format import FORMAT_VERSION, ShardReader
+
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_NAME = "tokenizer.pkl"
+SPLITS = ("train", "val")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def snapshot_id(identity: dict[str, Any]) -> str:
+    """Hash of everything that determines the snapshot's bytes (recipe, inputs, tokenizer, versions)."""
+    return hashlib.sha256(canonical_json(identity)).hexdigest()[:16]
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_manifest(snapshot: str | Path) -> dict[str, Any]:
+    path = Path(snapshot) / MANIFEST_NAME
+    if not path.is_file():
+        raise SnapshotError(f"no {MANIFEST_NAME}: not a finished snapshot (an interrupted build leaves none); "
+                            "re-run prepare-data", file=Path(snapshot))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SnapshotError(f"manifest is not valid JSON: {e}", file=path) from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise SnapshotError(f"manifest format_version {manifest.get('format_version')!r}, this nanosft reads "
+                            f"{FORMAT_VERSION}", file=path)
+    return manifest
+
+
+def shard_paths(snapshot: str | Path, manifest: dict[str, Any], split: str) -> list[Path]:
+    return [Path(snapshot) / s["file"] for s in manifest["shards"] if s["split"] == split]
+
+
+def verify_snapshot(snapshot: str | Path, full: bool = True) -> dict[str, Any]:
+    """Check a snapshot against its manifest; raise SnapshotError on the first problem.
+
+    Quick mode (full=False) checks presence and sizes, as the trainer does at every start;
+    full mode recomputes every sha256 and re-derives each shard's statistics from its rows.
+    """
+    snapshot = Path(snapshot)
+    manifest = load_manifest(snapshot)
+    listed = {s["file"] for s in manifest["shards"]}
+    for s in manifest["shards"]:
+        path = snapshot / s["file"]
+        if not path.is_file():
+            raise SnapshotError("shard listed in the manifest is missing", file=path)
+        size = path.stat().st_size
+        if size != s["bytes"]:
+            raise SnapshotError(f"size {size} bytes, manifest says {s['bytes']}", file=path)
+        if full:
+            digest = sha256_file(path)
+            if digest != s["sha256"]:
+                raise SnapshotError(f"sha256 {digest} does not match the manifest's {s['sha256']} "
+                                    "(the file changed after it was written)", file=path)
+            _check_shard_rows(path, s, manifest)
+    tok = manifest["tokenizer"]
+    tok_path = snapshot / tok["file"]
+    if not tok_path.is_file():
+        raise SnapshotError("the snapshot's tokenizer is missing", file=tok_path)
+    if tok_path.stat().st_size != tok["bytes"] or (full and sha256_file(tok_path) != tok["sha256"]):
+        raise SnapshotError("tokenizer file does not match the manifest", file=tok_path)
+    extra = sorted(p.name for p in snapshot.glob("*.arrow") if p.name not in listed)
+    if extra:
+        raise SnapshotError(f"shard file(s) not in the manifest: {', '.join(extra)}", file=snapshot)
+    return manifest
+
+
+def _check_shard_rows(path: Path, entry: dict[str, Any], manifest: dict[str, Any]) -> None:
+    shard = ShardReader(path)
+    meta = shard.meta
+    expect = manifest["tokenizer"]
+    if (meta.max_seq_len, meta.bos_id, meta.vocab_size, meta.tokenizer_fingerprint) != (
+            manifest["max_seq_len"], expect["bos_id"], expect["vocab_size"], expect["fingerprint"]):
+        raise SnapshotError("schema metadata disagrees with the manifest", file=path)
+    if shard.num_rows != entry["rows"]:
+        raise SnapshotError(f"{shard.num_rows} rows, manifest says {entry['rows']}", file=path)
+    n_sup = shard.mask.sum(axis=1, dtype=np.int64)
+    if not np.array_equal(n_sup, shard.n_supervised) or (shard.num_rows and n_sup.min() <= 0):
+        raise SnapshotError("n_supervised does not match the mask, or a row has no supervised target", file=path)
+    if shard.mask[:, 0].any():
+        raise SnapshotError("mask is set at position 0 (never a target)", file=path)
+    fill = np.add.reduceat(shard.doc_lens, shard.doc_offsets[:-1]) if len(shard.doc_lens) else np.zeros(0)
+    if (fill > meta.row_len).any():
+        raise SnapshotError("a row's documents are longer than the row", file=path)
+    if shard.num_rows and ((np.diff(shard.doc_offsets) <= 0).any()
+                           or (shard.tokens[np.arange(shard.num_rows), 0] != meta.bos_id).any()):
+        raise SnapshotError("a row is empty or does not start with BOS", file=path)
+    if int(n_sup.sum()) != entry["supervised"] or int(shard.doc_lens.sum()) != entry["tokens"]:
+        raise SnapshotError("token or supervised counts differ from the manifest", file=path)
+
+
+# ----------------------------------------------------------------------------- lock files
+
+def lock_path(recipe_file: str | Path) -> Path:
+    p = Path(recipe_file)
+    return p.with_name(p.stem + ".lock.json")
+
+
+def lock_entry(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a lock pins: the snapshot id and every shard's hash."""
+    return {
+        "recipe": manifest["recipe"]["name"],
+        "snapshot_id": manifest["snapshot_id"],
+        "shards": {s["file"]: s["sha256"] for s in manifest["shards"]},
+    }
+
+
+def compare_lock(lock: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    """Human-readable differences between a lock and a freshly built manifest (empty = matches)."""
+    now = lock_entry(manifest)
+    diffs = []
+    if lock.get("snapshot_id") != now["snapshot_id"]:
+        diffs.append(f"snapshot id {now['snapshot_id']} != locked {lock.get('snapshot_id')} "
+                     "(the recipe, an input file, the tokenizer or a format version changed)")
+    locked = lock.get("shards", {})
+    for name in sorted(set(locked) | set(now["shards"])):
+        a, b = locked.get(name), now["shards"].get(name)
+        if a != b:
+            diffs.append(f"{name}: sha256 {b or 'absent'} != locked {a or 'absent'}")
+    return diffs
+
+
+def snapshot_files(manifest: dict[str, Any]) -> list[str]:
+    """Every file of a snapshot, the manifest last (an archive read in order completes with it)."""
+    return [s["file"] for s in manifest["shards"]] + [manifest["tokenizer"]["file"], MANIFEST_NAME]
+
+
+def latest_snapshot(data_dir: str | Path, recipe: str) -> Path:
+    """The most recently built finished snapshot of a recipe in a data dir."""
+    name = Path(recipe).stem
+    found = [p for p in (Path(data_dir) / "snapshots").glob(f"{name}-*") if (p / MANIFEST_NAME).is_file()]
+    if not found:
+        raise SnapshotError(f"no snapshot of recipe {name!r} under {Path(data_dir) / 'snapshots'}; "
+                            f"build one with `make prepare-data RECIPE={name} DATA_DIR={data_dir}`")
+    return max(found, key=lambda p: (p / MANIFEST_NAME).stat().st_mtime)

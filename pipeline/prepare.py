@@ -1,0 +1,412 @@
+"""prepare-data: recipe → rendered, packed, verified snapshot.
+
+    python -m pipeline.prepare --recipe data_manifests/demo.toml --data-dir data [--workers N]
+
+Stages: sources → mixture order → render (cached, parallel) → pack plan (pure function of
+the lengths) → shards → manifest (last) → atomic rename of the snapshot folder → lock check.
+The last line printed is the snapshot path.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from tqdm import tqdm
+
+from pipeline.cache import RenderedTask, cache_key, render_task
+from pipeline.errors import DataError, SnapshotError
+from pipeline.manifest import (MANIFEST_NAME, TOKENIZER_NAME, SPLITS, compare_lock, load_manifest, lock_entry, lock_path, sha256_file,
+                               snapshot_id, verify_snapshot, write_json_atomic)
+from pipeline.mixture import mixture_order
+from pipeline.pack import PackPlan, lower_bound_rows, pack
+from pipeline.recipe import Recipe, TaskSpec, load_recipe, resolve_recipe_path
+from pipeline.render import TEMPLATE_VERSION
+from pipeline.shard_format import FORMAT_VERSION, ShardMeta, ShardRows, shard_filename, token_dtype, write_shard
+from pipeline.tasks import build_task
+from pipeline.tokenizer import ChatTokenizer, load_tokenizer, save_tokenizer, train_tokenizer
+
+PACK_VERSION = 1  # bump when a packer's output for the same lengths changes
+REPORT_ERRORS = 5
+
+
+@dataclass(frozen=True)
+class SplitDocs:
+    """The conversations of one split that go into rows, in mixture order."""
+
+    entry: np.ndarray      # int64: index into the split's expanded task list
+    task: np.ndarray       # int64: index into the recipe's task table
+    local: np.ndarray      # int64: index within the task
+    mixture_pos: np.ndarray  # int64: global conversation id (position in the mixture order)
+    length: np.ndarray     # int64: tokens after truncation
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def resolve_tokenizer(recipe: Recipe, data_dir: Path, demo_texts) -> tuple[ChatTokenizer, Path]:
+    spec = recipe.tokenizer
+    if spec.source == "file":
+        path = data_dir / spec.path
+        if not path.is_file():
+            raise DataError(f"tokenizer not found at {path}. Point --data-dir at a nanochat base dir "
+                            "(it keeps tokenizer/tokenizer.pkl), or run nanochat's scripts.tok_train there",
+                            field="tokenizer.path")
+        return load_tokenizer(path), path
+    path = data_dir / "tokenizers" / f"{recipe.name}-v{spec.vocab_size}" / "tokenizer.pkl"
+    if path.is_file():
+        return load_tokenizer(path), path
+    print(f"training a {spec.vocab_size}-token tokenizer on the {recipe.name} text (rustbpe)", file=sys.stderr)
+    tok = train_tokenizer(demo_texts(), spec.vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_tokenizer(tok, path)
+    return load_tokenizer(path), path
+
+
+# ----------------------------------------------------------------------------- tasks and inputs
+
+def expand(specs: tuple[TaskSpec, ...]) -> list[TaskSpec]:
+    """A task with repeat=k is listed k times in a row, as nanochat lists it (order matters for the shuffle)."""
+    return [s for s in specs for _ in range(s.repeat)]
+
+
+def task_table(recipe: Recipe) -> list[tuple[str, TaskSpec]]:
+    """One row per distinct (split, task name): what `doc_tasks` indexes."""
+    return [(split, s) for split in SPLITS for s in getattr(recipe, split)]
+
+
+def describe_input(path: Path, data_dir: Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        shown = str(path.resolve().relative_to(data_dir.resolve()))
+    except ValueError:
+        shown = str(path)
+    return {"path": shown, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+# ----------------------------------------------------------------------------- per split
+
+def split_docs(recipe: Recipe, split: str, table: list[tuple[str, TaskSpec]], rendered: dict[int, RenderedTask],
+               counts: dict[int, dict[str, int]]) -> SplitDocs:
+    """Mixture order → the conversations that enter rows, after the overlong and empty policies."""
+    entries = expand(getattr(recipe, split))
+    index_of = {(sp, s.name): i for i, (sp, s) in enumerate(table)}
+    entry_task = np.array([index_of[(split, s.name)] for s in entries], dtype=np.int64)
+    lengths = [len(rendered[t].bad) for t in entry_task]
+    order = mixture_order(lengths, seed=recipe.mixture_seed)
+    entry, local = order[:, 0].astype(np.int64), order[:, 1].astype(np.int64)
+    task = entry_task[entry]
+    full = np.zeros(len(order), dtype=np.int64)
+    keep = np.ones(len(order), dtype=bool)
+    cap = recipe.row_capacity
+    for t in np.unique(task):
+        sel = np.nonzero(task == t)[0]
+        r = rendered[int(t)]
+        c = counts[int(t)]
+        n_full = r.lengths[local[sel]]
+        bad = r.bad[local[sel]]
+        long = (n_full > cap) & ~bad
+        length = np.minimum(n_full, cap)
+        if recipe.mask_policy == "all":
+            sup = length - 1
+        else:
+            sup = r.supervised_after_first(local[sel], length)
+        dropped_long = long if recipe.overlong == "drop" else np.zeros_like(long)
+        empty = (sup <= 0) & ~bad & ~dropped_long
+        keep[sel] = ~(bad | dropped_long | empty)
+        full[sel] = length
+        c["conversations"] += len(sel)
+        c["bad"] += int(bad.sum())
+        c["truncated"] += int((long & ~dropped_long).sum())
+        c["dropped_long"] += int(dropped_long.sum())
+        c["dropped_unsupervised"] += int(empty.sum())
+    pos = np.nonzero(keep)[0]
+    return SplitDocs(entry=entry[pos], task=task[pos], local=local[pos], mixture_pos=pos.astype(np.int64),
+                     length=full[pos])
+
+
+def materialize(docs: SplitDocs, plan: PackPlan, r0: int, r1: int, rendered: dict[int, RenderedTask],
+                row_len: int, bos_id: int, dtype: np.dtype, mask_policy: str) -> ShardRows:
+    """Rows [r0, r1) of the plan as arrays: a vectorised gather from the render cache."""
+    n = r1 - r0
+    a, b = int(plan.row_offsets[r0]), int(plan.row_offsets[r1])
+    ids = plan.doc_order[a:b]
+    lens = docs.length[ids]
+    per_row = np.diff(plan.row_offsets[r0:r1 + 1])
+    dest_start = np.repeat(np.arange(n, dtype=np.int64), per_row) * row_len + _starts_in_row(lens, per_row)
+    tokens = np.full(n * row_len, bos_id, dtype=dtype)
+    mask = np.zeros(n * row_len, dtype=np.uint8)
+    tasks = docs.task[ids]
+    for t in np.unique(tasks):
+        sel = np.nonzero(tasks == t)[0]
+        r = rendered[int(t)]
+        src = _ranges(r.offsets[docs.local[ids[sel]]], lens[sel])
+        dst = _ranges(dest_start[sel], lens[sel])
+        tokens[dst] = r.tokens[src]
+        mask[dst] = 1 if mask_policy == "all" else r.mask[src]
+    tokens = tokens.reshape(n, row_len)
+    mask = mask.reshape(n, row_len)
+    mask[:, 0] = 0  # the first position is never a target
+    offsets = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)
+    return ShardRows(tokens=tokens, mask=mask, doc_offsets=offsets, doc_lens=lens.astype(np.int32),
+                     doc_ids=docs.mixture_pos[ids], doc_tasks=tasks.astype(np.int16))
+
+
+def doc_supervised(rows: ShardRows) -> np.ndarray:
+    """Supervised targets inside each document's span of its row (for per-task statistics)."""
+    n, row_len = rows.mask.shape
+    per_row = np.diff(rows.doc_offsets)
+    in_row = _starts_in_row(rows.doc_lens.astype(np.int64), per_row)
+    start = np.repeat(np.arange(n, dtype=np.int64), per_row) * row_len + in_row
+    csum = np.concatenate([[0], np.cumsum(rows.mask.reshape(-1), dtype=np.int64)])
+    return csum[start + rows.doc_lens] - csum[start]
+
+
+def _starts_in_row(lens: np.ndarray, per_row: np.ndarray) -> np.ndarray:
+    """Offset of each document inside its row, given documents grouped row by row."""
+    starts = np.cumsum(lens) - lens
+    first = np.repeat(starts[np.cumsum(per_row) - per_row], per_row)
+    return starts - first
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, s + l) for each (s, l), without a Python loop."""
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    shifts = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    return np.arange(total, dtype=np.int64) + shifts
+
+
+# ----------------------------------------------------------------------------- report
+
+def summarize(name: str, plan: PackPlan, docs: SplitDocs, rows_sup: int, row_len: int) -> dict[str, Any]:
+    tokens = int(docs.length.sum())
+    rows = plan.n_rows
+    lb = lower_bound_rows(docs.length, row_len)
+    slots = rows * row_len
+    return {
+        "split": name, "conversations": int(len(docs.length)), "rows": rows, "tokens": tokens,
+        "supervised": rows_sup, "pad_fraction": (slots - tokens) / slots if slots else 0.0,
+        "lower_bound_rows": lb,
+        "lower_bound_pad_fraction": (lb * row_len - tokens) / (lb * row_len) if lb else 0.0,
+        "supervised_fraction": rows_sup / slots if slots else 0.0,
+    }
+
+
+def task_stats(table: list[tuple[str, TaskSpec]], counts: dict[int, dict[str, int]],
+               docs_by_split: dict[str, SplitDocs], sup_by_task: dict[int, int]) -> pl.DataFrame:
+    frames = []
+    for split, docs in docs_by_split.items():
+        frames.append(pl.DataFrame({"task": docs.task, "tokens": docs.length}))
+    packed = (pl.concat(frames).group_by("task").agg(pl.len().alias("packed"), pl.col("tokens").sum())
+              if frames else pl.DataFrame({"task": [], "packed": [], "tokens": []}))
+    base = pl.DataFrame([{"task": i, "split": sp, "name": s.name, **counts[i], "supervised": sup_by_task.get(i, 0)}
+                         for i, (sp, s) in enumerate(table)])
+    out = base.join(packed, on="task", how="left").fill_null(0)
+    return out.with_columns((pl.col("supervised") / pl.col("tokens").clip(lower_bound=1)).alias("supervised_frac"))
+
+
+def print_report(stats: pl.DataFrame, splits: list[dict[str, Any]], errors: list[str], out=sys.stderr) -> None:
+    cols = ["split", "name", "conversations", "packed", "tokens", "supervised_frac", "truncated", "dropped_long",
+            "dropped_unsupervised", "bad"]
+    widths = [5, 16, 13, 9, 12, 8, 9, 8, 8, 6]
+    heads = ["split", "task", "convs", "packed", "tokens", "sup", "trunc", "drop>", "drop0", "bad"]
+    print("  ".join(h.rjust(w) if i > 1 else h.ljust(w) for i, (h, w) in enumerate(zip(heads, widths))), file=out)
+    for row in stats.select(cols).iter_rows():
+        cells = []
+        for i, (v, w) in enumerate(zip(row, widths)):
+            s = f"{v:.3f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+            cells.append(s.rjust(w) if i > 1 else s.ljust(w))
+        print("  ".join(cells), file=out)
+    for s in splits:
+        print(f"{s['split']:5}: {s['rows']:,} rows, {s['tokens']:,} tokens, padding {100 * s['pad_fraction']:.3f}% "
+              f"(lower bound {s['lower_bound_rows']:,} rows = {100 * s['lower_bound_pad_fraction']:.3f}%), "
+              f"supervised {100 * s['supervised_fraction']:.1f}% of slots", file=out)
+    for e in errors[:REPORT_ERRORS]:
+        print(f"skipped: {e}", file=out)
+
+
+# ----------------------------------------------------------------------------- main
+
+def prepare(recipe_file: Path, data_dir: Path, workers: int, update_lock: bool = False, out=sys.stderr) -> Path:
+    t0 = time.time()
+    recipe = load_recipe(recipe_file)
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+
+    demo_texts = None
+    if recipe.demo is not None:
+        from pipeline.demo_data import DEMO_SOURCES_VERSION, demo_tokenizer_texts, write_demo_sources
+        write_demo_sources(data_dir, seed=recipe.demo.seed, sizes=dict(recipe.demo.sizes) or None)
+        demo_texts = lambda: demo_tokenizer_texts(data_dir)  # noqa: E731
+    elif recipe.tokenizer.source == "train":
+        raise DataError("tokenizer.source = 'train' needs a [demo] section (the text it trains on)",
+                        field="tokenizer.source")
+    tok, tok_path = resolve_tokenizer(recipe, data_dir, demo_texts)
+
+    table = task_table(recipe)
+    tasks = [build_task(spec, data_dir) for _, spec in table]
+    inputs = {}
+    for t in tasks:
+        for p in t.inputs():
+            inputs.setdefault(str(Path(p).resolve()), Path(p))
+    input_desc = sorted((describe_input(p, data_dir) for p in inputs.values()), key=lambda d: d["path"])
+    identity = {
+        "format_version": FORMAT_VERSION, "template_version": TEMPLATE_VERSION, "pack_version": PACK_VERSION,
+        "recipe": recipe.to_dict(), "inputs": [(d["path"], d["sha256"]) for d in input_desc],
+        "tokenizer": tok.fingerprint,
+    }
+    sid = snapshot_id(identity)
+    snapshots = data_dir / "snapshots"
+    final = snapshots / f"{recipe.name}-{sid}"
+    lock_file = lock_path(recipe_file)
+
+    if final.exists():
+        try:
+            manifest = verify_snapshot(final, full=True)
+            print(f"snapshot {final.name} exists and verifies: nothing to do", file=out)
+            _check_lock(lock_file, manifest, update_lock, out)
+            return final
+        except SnapshotError as e:
+            print(f"snapshot {final.name} exists but fails verification ({e}); rebuilding it", file=out)
+            shutil.rmtree(final)
+
+    # render every distinct task once (cached across recipes and packers)
+    rendered: dict[int, RenderedTask] = {}
+    counts: dict[int, dict[str, int]] = {}
+    errors: list[str] = []
+    cache_root = data_dir / "cache" / "render"
+    for i, ((split, spec), task) in enumerate(zip(table, tasks)):
+        hashes = sorted(sha256_file(p) for p in task.inputs())
+        key = cache_key(spec, hashes, tok.fingerprint)
+        rendered[i] = render_task(spec, len(task), data_dir, tok_path, key, cache_root, workers)
+        counts[i] = {"conversations": 0, "bad": 0, "truncated": 0, "dropped_long": 0, "dropped_unsupervised": 0}
+        bad = rendered[i].errors
+        if bad and recipe.bad_rows == "fail":
+            raise DataError(f"{bad[0]['message']} (bad_rows = 'fail'; set bad_rows = 'skip' in the recipe to skip "
+                            f"such rows; {int(rendered[i].bad.sum())} bad row(s) in this task)")
+        errors.extend(e["message"] for e in bad)
+
+    # pack and write each split into a temporary folder; rename it into place last
+    snapshots.mkdir(parents=True, exist_ok=True)
+    for stale in snapshots.glob(f".{recipe.name}-*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted run
+    tmp = snapshots / f".{final.name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        shutil.copyfile(tok_path, tmp / TOKENIZER_NAME)  # a snapshot carries its tokenizer: self-contained
+        dtype = token_dtype(tok.vocab_size)
+        shard_entries, split_summaries, docs_by_split = [], [], {}
+        sup_by_task: dict[int, int] = {}
+        for split in SPLITS:
+            docs = split_docs(recipe, split, table, rendered, counts)
+            if len(docs.length) == 0:
+                raise DataError(f"the {split} split has no conversation left to pack", task=split)
+            docs_by_split[split] = docs
+            opts = dict(recipe.packing.options)
+            plan = pack(docs.length, recipe.row_capacity, recipe.packing.method, **opts)
+            n_shards = max(1, -(-plan.n_rows // recipe.rows_per_shard))
+            meta = ShardMeta(max_seq_len=recipe.max_seq_len, bos_id=tok.bos_id, vocab_size=tok.vocab_size,
+                             tokenizer_fingerprint=tok.fingerprint, split=split)
+            split_sup = 0
+            for s in tqdm(range(n_shards), desc=f"write {split}", unit="shard", leave=False, disable=None):
+                r0, r1 = s * recipe.rows_per_shard, min((s + 1) * recipe.rows_per_shard, plan.n_rows)
+                rows = materialize(docs, plan, r0, r1, rendered, recipe.row_capacity, tok.bos_id, dtype,
+                                   recipe.mask_policy)
+                name = shard_filename(split, s, n_shards)
+                nbytes = write_shard(tmp / name, rows, meta)
+                sup = int(rows.n_supervised.sum())
+                split_sup += sup
+                np.add.at(sup_arr := np.zeros(len(table), dtype=np.int64), rows.doc_tasks.astype(np.int64),
+                          doc_supervised(rows))
+                for t in np.nonzero(sup_arr)[0]:
+                    sup_by_task[int(t)] = sup_by_task.get(int(t), 0) + int(sup_arr[t])
+                shard_entries.append({"file": name, "split": split, "rows": r1 - r0, "bytes": nbytes,
+                                      "tokens": int(rows.doc_lens.sum()), "supervised": sup,
+                                      "sha256": sha256_file(tmp / name)})
+            split_summaries.append(summarize(split, plan, docs, split_sup, recipe.row_capacity))
+
+        stats = task_stats(table, counts, docs_by_split, sup_by_task)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "snapshot_id": sid,
+            "recipe": recipe.to_dict(),
+            "max_seq_len": recipe.max_seq_len,
+            "template_version": TEMPLATE_VERSION,
+            "pack_version": PACK_VERSION,
+            "tokenizer": {"fingerprint": tok.fingerprint, "bos_id": tok.bos_id, "vocab_size": tok.vocab_size,
+                          "file": TOKENIZER_NAME, "bytes": (tmp / TOKENIZER_NAME).stat().st_size,
+                          "sha256": sha256_file(tmp / TOKENIZER_NAME), "source": describe_input(tok_path, data_dir)},
+            "inputs": input_desc,
+            "tasks": [{"index": i, "split": sp, "name": s.name, "kind": s.kind} for i, (sp, s) in enumerate(table)],
+            "packages": _package_versions(),
+            "shards": shard_entries,
+            "stats": {"splits": split_summaries, "tasks": stats.to_dicts(), "skipped_examples": errors[:20]},
+        }
+        write_json_atomic(tmp / MANIFEST_NAME, manifest)  # last: its presence marks a complete snapshot
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print_report(stats, split_summaries, errors, out)
+    print(f"built {final.name} in {time.time() - t0:.1f}s", file=out)
+    _check_lock(lock_file, load_manifest(final), update_lock, out)
+    return final
+
+
+def _package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"python": sys.version.split()[0]}
+    for name in ("numpy", "pyarrow", "polars", "tiktoken", "rustbpe", "english-words"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+class LockMismatch(Exception):
+    pass
+
+
+def _check_lock(lock_file: Path, manifest: dict[str, Any], update: bool, out) -> None:
+    import json
+    entry = lock_entry(manifest)
+    if not lock_file.exists() or update:
+        write_json_atomic(lock_file, entry)
+        print(f"{'updated' if update else 'wrote'} lock {lock_file}", file=out)
+        return
+    diffs = compare_lock(json.loads(lock_file.read_text()), manifest)
+    if diffs:
+        bar = "!" * 78
+        msg = "\n".join([bar, f"SNAPSHOT DIFFERS FROM THE LOCK {lock_file}:", *("  " + d for d in diffs),
+                         "The snapshot was kept. If the change is intended, run again with --update-lock "
+                         "(make prepare-data ARGS=--update-lock) and commit the lock.", bar])
+        raise LockMismatch(msg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.prepare", description=__doc__.split("\n")[0])
+    ap.add_argument("--recipe", default="demo", help="recipe name in data_manifests/ or a path to a .toml")
+    ap.add_argument("--data-dir", default=os.environ.get("NANOCHAT_BASE_DIR") or "data", type=Path)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="render processes (default: all cores)")
+    ap.add_argument("--update-lock", action="store_true", help="accept a snapshot that differs from the lock file")
+    args = ap.parse_args(argv)
+    try:
+        path = prepare(resolve_recipe_path(args.recipe), args.data_dir, args.workers, args.update_lock)
+    except (DataError, LockMismatch) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, DataError) else 3
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,386 @@
+"""GPT: nanochat's state-dict layout, init, windows, FLOP counts and optimizer groups, and a forward pass
+checked against a plain re-statement of the spec (nanochat-reference §6) with per-query attention."""
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.common import compute_dtype, dist_info, get_peak_flops
+from trainer.config import GPTConfig
+from trainer.model import GPT, attend, window_sizes
+
+TINY = dict(sequence_len=64, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64)
+
+
+def build(init=True, **kw) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**TINY, **kw}))
+    if init:
+        model.init_weights()
+    return model
+
+
+@torch.no_grad()
+def randomize(model: GPT, seed: int = 1) -> GPT:
+    """Init zeroes the output projections and smear_lambda; give every parameter a live value instead."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+# --- config, common ---------------------------------------------------------------------------
+
+def test_config_defaults_and_from_dict():
+    c = GPTConfig()
+    assert (c.sequence_len, c.vocab_size, c.n_layer, c.n_head, c.n_kv_head, c.n_embd) == (2048, 32768, 12, 6, 6, 768)
+    assert (c.window_pattern, c.num_experts, c.top_k) == ("SSSL", 0, 2)
+    old = GPTConfig.from_dict({"sequence_len": 1024, "n_layer": 20, "n_embd": 1280, "n_head": 10, "n_kv_head": 10})
+    assert old.window_pattern == "L" and old.vocab_size == 32768 and old.num_experts == 0
+    assert GPTConfig.from_dict(c.to_dict()) == c
+    with pytest.raises(ValueError, match="unknown GPTConfig keys.*'n_experts'"):
+        GPTConfig.from_dict({"n_experts": 8})
+    for bad in (dict(n_embd=100, n_head=6), dict(n_head=6, n_kv_head=4), dict(window_pattern="SXL"),
+                dict(num_experts=4, top_k=5), dict(n_layer="12")):
+        with pytest.raises(ValueError):
+            GPTConfig(**bad)
+
+
+def test_peak_flops_table_order():
+    assert get_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert get_peak_flops("NVIDIA H100 NVL") == 835e12
+    assert get_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert get_peak_flops("NVIDIA H200 NVL") == 836e12
+    assert get_peak_flops("NVIDIA H200") == 989e12
+    assert get_peak_flops("NVIDIA GB200") == 2.5e15 and get_peak_flops("NVIDIA B200") == 2.25e15
+    assert get_peak_flops("NVIDIA L40S") == 362e12 and get_peak_flops("NVIDIA L4") == 121e12
+    assert get_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert get_peak_flops("cpu") == float("inf")
+
+
+def test_compute_dtype_and_dist_info(monkeypatch):
+    monkeypatch.delenv("NANOCHAT_DTYPE", raising=False)
+    assert compute_dtype("cpu") == torch.float32
+    monkeypatch.setenv("NANOCHAT_DTYPE", "float16")
+    assert compute_dtype("cpu") == torch.float16
+    monkeypatch.setenv("NANOCHAT_DTYPE", "bf16")
+    with pytest.raises(ValueError, match="NANOCHAT_DTYPE"):
+        compute_dtype("cpu")
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    assert dist_info() == (False, 0, 0, 1)
+    monkeypatch.setenv("RANK", "3"), monkeypatch.setenv("LOCAL_RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "4")
+    assert dist_info() == (True, 3, 1, 4)
+
+
+# --- structure ---------------------------------------------------------------------------------
+
+def expected_shapes(cfg: GPTConfig) -> dict[str, tuple]:
+    """nanochat-reference §5.2, written out."""
+    C, L, Hq, Hkv = cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.n_kv_head
+    D, Vp = C // Hq, math.ceil(cfg.vocab_size / 64) * 64
+    s = {"resid_lambdas": (L,), "x0_lambdas": (L,), "smear_lambda": (1,), "backout_lambda": (1,),
+         "transformer.wte.weight": (Vp, C), "lm_head.weight": (Vp, C), "smear_gate.weight": (1, 24)}
+    for i in range(L):
+        p = f"transformer.h.{i}."
+        s |= {p + "attn.c_q.weight": (Hq * D, C), p + "attn.c_k.weight": (Hkv * D, C),
+              p + "attn.c_v.weight": (Hkv * D, C), p + "attn.c_proj.weight": (C, C)}
+        if i % 2 == (L - 1) % 2:
+            s |= {p + "attn.ve_gate.weight": (Hkv, 12), f"value_embeds.{i}.weight": (Vp, Hkv * D)}
+        if cfg.num_experts == 0:
+            s |= {p + "mlp.c_fc.weight": (4 * C, C), p + "mlp.c_proj.weight": (C, 4 * C)}
+        else:
+            E, Hx = cfg.num_experts, round(4 * C / (cfg.top_k + 1) / 128) * 128
+            s |= {p + "mlp.router.gate.weight": (E, C), p + "mlp.router.expert_bias": (E,),
+                  p + "mlp.router.tokens_per_expert_counter": (E,), p + "mlp.experts.w_up": (E, Hx, C),
+                  p + "mlp.experts.w_down": (E, C, Hx), p + "mlp.shared_expert.w_up.weight": (Hx, C),
+                  p + "mlp.shared_expert.w_down.weight": (C, Hx)}
+    return s
+
+
+@pytest.mark.parametrize("kw", [dict(n_layer=4), dict(n_layer=3), dict(n_layer=2, num_experts=4, top_k=2),
+                                dict(n_layer=4, n_kv_head=1), dict(num_experts=0, top_k=7)])
+def test_state_dict_names_and_shapes(kw):
+    model = build(**kw)
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == expected_shapes(model.config)
+
+
+def test_value_embed_layers():
+    assert sorted(int(k) for k in build(n_layer=4).value_embeds) == [1, 3]  # even L -> odd layers
+    assert sorted(int(k) for k in build(n_layer=3).value_embeds) == [0, 2]
+    with torch.device("meta"):
+        d12 = GPT(GPTConfig())
+    assert sorted(int(k) for k in d12.value_embeds) == [1, 3, 5, 7, 9, 11]
+
+
+def test_window_sizes():
+    def lefts(seq, pattern="SSSL", L=12):
+        return window_sizes(GPTConfig(sequence_len=seq, window_pattern=pattern, n_layer=L))
+    assert lefts(2048) == [512, 512, 512, 2048] * 3
+    assert lefts(1024)[:4] == [256, 256, 256, 1024] and lefts(512)[:4] == [128, 128, 128, 512]
+    assert lefts(2048, "s", 5) == [512, 512, 512, 512, 2048]  # case-insensitive; last layer always long
+    assert lefts(2048, "L", 3) == [2048] * 3
+
+
+def test_init_weights():
+    model = build(n_layer=4)
+    sd = model.state_dict()
+    s = math.sqrt(3 / 64)
+    assert "cos" not in sd and "sin" not in sd
+    assert all(v.dtype == torch.float32 for v in sd.values())  # fp32 compute on CPU
+    assert abs(sd["transformer.wte.weight"].std().item() - 0.8) < 0.03
+    assert abs(sd["lm_head.weight"].std().item() - 0.001) < 5e-5
+    for i in range(4):
+        p = f"transformer.h.{i}."
+        assert sd[p + "attn.c_proj.weight"].abs().max() == 0 and sd[p + "mlp.c_proj.weight"].abs().max() == 0
+        assert sd[p + "attn.c_q.weight"].abs().max() <= s and sd[p + "attn.c_q.weight"].abs().max() > 0.9 * s
+        assert sd[p + "mlp.c_fc.weight"].abs().max() <= 0.4 * s
+    assert 0 <= sd["transformer.h.1.attn.ve_gate.weight"].min() and sd["transformer.h.1.attn.ve_gate.weight"].max() <= 0.02
+    assert torch.allclose(sd["resid_lambdas"], torch.tensor([1.15, 1.15 - 0.1 / 3, 1.15 - 0.2 / 3, 1.05]))
+    assert torch.allclose(sd["x0_lambdas"], torch.tensor([0.20, 0.15, 0.10, 0.05]))
+    assert sd["smear_lambda"].item() == 0 and sd["backout_lambda"].item() == pytest.approx(0.2)
+    assert model.cos.shape == (1, 640, 1, 8)  # 10 x sequence_len positions, head_dim / 2
+
+
+def test_bf16_compute_dtype_casts_embeddings(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_DTYPE", "bfloat16")
+    model = build()
+    sd = model.state_dict()
+    assert sd["transformer.wte.weight"].dtype == torch.bfloat16 and sd["value_embeds.0.weight"].dtype == torch.bfloat16
+    assert sd["lm_head.weight"].dtype == torch.float32 and model.cos.dtype == torch.bfloat16
+    logits = model(torch.randint(0, 300, (1, 16)))
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_nanochat_load_path_roundtrip():
+    """Save, then load the way nanochat does: meta build, to_empty, init_weights, strict assign."""
+    src = randomize(build(num_experts=4, top_k=2)).eval()
+    buf = io.BytesIO()
+    torch.save(src.state_dict(), buf)
+    buf.seek(0)
+    with torch.device("meta"):
+        dst = GPT(GPTConfig.from_dict(src.config.to_dict()))
+    dst.to_empty(device="cpu")
+    dst.init_weights()
+    dst.load_state_dict(torch.load(buf), strict=True, assign=True)
+    idx = torch.randint(0, 300, (2, 32))
+    assert torch.equal(src.eval()(idx), dst.eval()(idx))
+
+
+# --- FLOPs and parameter counts (§6.10 check values) --------------------------------------------
+
+@pytest.mark.parametrize("depth,E,params,flops", [(12, 0, 286_261_730, 759_695_904), (20, 0, 896_533_746, 2_886_212_640),
+                                                  (24, 0, 1_384_122_122, 4_775_225_472), (12, 8, 399_581_666, 760_138_272)])
+def test_flops_and_params_check_values(depth, E, params, flops):
+    C = math.ceil(depth * 64 / 128) * 128
+    with torch.device("meta"):
+        model = GPT(GPTConfig(n_layer=depth, n_embd=C, n_head=C // 128, n_kv_head=C // 128, num_experts=E))
+    n = model.num_scaling_params()
+    assert n["total"] == params and model.estimate_flops() == flops
+    assert n["active_total"] == params - n["moe_inactive"]
+    assert (n["moe_inactive"] > 0) == (E > 0)
+
+
+# --- optimizer groups (§6.11) --------------------------------------------------------------------
+
+@pytest.mark.parametrize("E", [0, 4])
+def test_setup_optimizer_groups(E):
+    model = build(n_layer=4, n_embd=128, n_head=4, n_kv_head=2, num_experts=E)
+    groups = model.setup_optimizer(weight_decay=0.1)
+    r = (128 / 768) ** -0.5
+    named = {id(p): n for n, p in model.named_parameters()}
+    names = [[named[id(p)] for p in g["params"]] for g in groups]
+    adam = [(g["lr"], g["betas"], g["weight_decay"]) for g in groups if g["kind"] == "adamw"]
+    want = [(0.004 * r, (0.8, 0.96), 0.01), (0.2 * r, (0.8, 0.995), 0.001), (0.1 * r, (0.8, 0.995), 0.01),
+            (0.005, (0.8, 0.95), 0.05), (0.5, (0.96, 0.95), 0.0), (0.2, (0.8, 0.95), 0.0)]
+    if E:
+        want.append((0.005 * r, (0.8, 0.96), 0.0))
+    assert len(adam) == len(want) and all(a[1:] == w[1:] and a[0] == pytest.approx(w[0]) for a, w in zip(adam, want))
+    assert names[:6] == [["lm_head.weight"], ["transformer.wte.weight"], ["value_embeds.1.weight", "value_embeds.3.weight"],
+                         ["resid_lambdas"], ["x0_lambdas"], ["smear_gate.weight", "smear_lambda", "backout_lambda"]]
+    assert all(g["eps"] == 1e-10 for g in groups if g["kind"] == "adamw")
+    muon = [g for g in groups if g["kind"] == "muon"]
+    assert groups[len(want):] == muon  # all Muon groups come after the AdamW ones
+    shapes = [tuple(g["params"][0].shape) for g in muon]
+    assert shapes == sorted(shapes) and all(len({tuple(p.shape) for p in g["params"]}) == 1 for g in muon)
+    assert all((g["lr"], g["momentum"], g["ns_steps"], g["beta2"], g["weight_decay"]) == (0.02, 0.95, 5, 0.9, 0.1) for g in muon)
+    assert all(g["initial_lr"] == g["lr"] for g in groups)
+    flat = [n for ns in names for n in ns]
+    assert sorted(flat) == sorted(named.values()) and len(flat) == len(set(flat))
+    muon_names = [n for g, ns in zip(groups, names) if g["kind"] == "muon" for n in ns]
+    assert not any("router" in n for n in muon_names) and not any(n.startswith("value_embeds") for n in muon_names)
+    if E:  # 3-D expert weights are Muon params, in block order within their group
+        assert [n for n in muon_names if "experts.w_up" in n] == [f"transformer.h.{i}.mlp.experts.w_up" for i in range(4)]
+        assert names[6] == [f"transformer.h.{i}.mlp.router.gate.weight" for i in range(4)]
+    else:
+        assert shapes == [(2, 12), (64, 128), (128, 128), (128, 512), (512, 128)]  # GQA: c_k, c_v are (64, 128)
+
+
+# --- attention ----------------------------------------------------------------------------------
+
+def naive_attention(q, k, v, left, doc_ids=None):
+    """One query at a time: softmax over the keys it may see."""
+    B, Hq, T, D = q.shape
+    rep = Hq // k.size(1)
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for t in range(T):
+            keys = [j for j in range(t + 1) if t - j <= left and (doc_ids is None or doc_ids[b, j] == doc_ids[b, t])]
+            for h in range(Hq):
+                kk, vv = k[b, h // rep, keys], v[b, h // rep, keys]
+                out[b, h, t] = torch.softmax(kk @ q[b, h, t] / math.sqrt(D), dim=0) @ vv
+    return out
+
+
+@pytest.mark.parametrize("left,docs", [(5, False), (5, True), (100, True), (100, False)])
+def test_attention_matches_naive(left, docs):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 24, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    doc_ids = torch.tensor([[0] * 7 + [1] * 10 + [2] * 7, [0] * 20 + [1] * 4]) if docs else None
+    assert torch.allclose(attend(q, k, v, left, doc_ids), naive_attention(q, k, v, left, doc_ids), atol=1e-10)
+
+
+# --- the whole forward against the spec ---------------------------------------------------------
+
+def reference_forward(model: GPT, idx, doc_ids=None):
+    """nanochat-reference §6.3-6.6 restated in float64: complex-number rotary by -theta, per-query attention."""
+    cfg = model.config
+    P = {k: v.double() for k, v in model.state_dict().items()}
+    C, L, Hq, Hkv, V = cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.n_kv_head, cfg.vocab_size
+    D, (B, T) = C // Hq, idx.shape
+
+    def rms(x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
+
+    def rope(x):  # (B, T, H, D): pair (x1_j, x2_j) as x1 + i x2, rotated by -t / 100000^(2j/D)
+        theta = torch.arange(T, dtype=torch.float64)[:, None] / 100000 ** (torch.arange(0, D, 2) / D)
+        z = torch.complex(x[..., : D // 2], x[..., D // 2:]) * torch.exp(-1j * theta)[None, :, None, :]
+        return torch.cat([z.real, z.imag], dim=-1)
+
+    short = math.ceil(cfg.sequence_len / 4 / 128) * 128
+    lefts = [cfg.sequence_len if cfg.window_pattern[i % len(cfg.window_pattern)] == "L" else short for i in range(L)]
+    lefts[-1] = cfg.sequence_len
+    x = rms(P["transformer.wte.weight"][idx])
+    prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+    gate = P["smear_lambda"] * torch.sigmoid(x[..., :24] @ P["smear_gate.weight"].T)
+    gate[:, 0] = 0
+    if doc_ids is not None:
+        gate[:, 1:] *= (doc_ids[:, 1:] == doc_ids[:, :-1])[..., None]
+    x = x + gate * prev
+    x0 = x
+    for i in range(L):
+        p = f"transformer.h.{i}."
+        x = P["resid_lambdas"][i] * x + P["x0_lambdas"][i] * x0
+        h = rms(x)
+        q = (h @ P[p + "attn.c_q.weight"].T).view(B, T, Hq, D)
+        k = (h @ P[p + "attn.c_k.weight"].T).view(B, T, Hkv, D)
+        v = (h @ P[p + "attn.c_v.weight"].T).view(B, T, Hkv, D)
+        if f"value_embeds.{i}.weight" in P:
+            g = 3 * torch.sigmoid(h[..., :12] @ P[p + "attn.ve_gate.weight"].T)
+            v = v + g[..., None] * P[f"value_embeds.{i}.weight"][idx].view(B, T, Hkv, D)
+        q, k = rms(rope(q)) * 1.2, rms(rope(k)) * 1.2
+        y = naive_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), lefts[i], doc_ids)
+        x = x + y.transpose(1, 2).reshape(B, T, C) @ P[p + "attn.c_proj.weight"].T
+        h = rms(x)
+        x = x + torch.relu(h @ P[p + "mlp.c_fc.weight"].T).square() @ P[p + "mlp.c_proj.weight"].T
+        if i == L // 2:
+            x_mid = x
+    x = rms(x - P["backout_lambda"] * x_mid)
+    logits = (x @ P["lm_head.weight"].T)[..., :V]
+    return 15 * torch.tanh(logits / 15)
+
+
+@pytest.mark.parametrize("docs", [False, True])
+def test_forward_matches_reference(docs):
+    """sequence_len 512 gives short windows of 128, so T=160 exercises the sliding window (layer 0)."""
+    model = randomize(build(sequence_len=512, window_pattern="SL", n_layer=3)).eval()
+    torch.manual_seed(2)
+    idx = torch.randint(0, 300, (2, 160))
+    doc_ids = torch.tensor([[0] * 50 + [1] * 110, [0] * 140 + [1] * 20]) if docs else None
+    with torch.no_grad():
+        got = model(idx, doc_ids=doc_ids)
+    want = reference_forward(model, idx, doc_ids)
+    assert got.shape == (2, 160, 300)
+    assert torch.allclose(got.double(), want, atol=2e-4), (got.double() - want).abs().max()
+
+
+def test_doc_ids_isolate_documents():
+    """With document ids, a packed document's logits do not depend on the document before it, and equal
+    running it alone (rotary is relative: the shift of positions cancels in q.k, up to rounding)."""
+    model = randomize(build(n_layer=4)).eval()
+    torch.manual_seed(3)
+    a, a2, b = torch.randint(0, 300, (20,)), torch.randint(0, 300, (20,)), torch.randint(0, 300, (30,))
+    doc_ids = torch.tensor([[0] * 20 + [1] * 30])
+    with torch.no_grad():
+        ab = model(torch.cat([a, b])[None], doc_ids=doc_ids)
+        a2b = model(torch.cat([a2, b])[None], doc_ids=doc_ids)
+        alone = model(b[None])
+        unmasked = model(torch.cat([a, b])[None])
+    assert torch.allclose(ab[0, 20:], a2b[0, 20:], atol=1e-5)
+    assert torch.allclose(ab[0, 20:], alone[0], atol=1e-4)
+    assert not torch.allclose(unmasked[0, 20:], alone[0], atol=1e-2)  # without ids the prefix leaks in
+    assert torch.allclose(ab[0, :20], unmasked[0, :20], atol=1e-5)
+
+
+# --- loss -----------------------------------------------------------------------------------------
+
+def test_loss_reductions_and_ignore_index():
+    model = randomize(build()).eval()
+    torch.manual_seed(4)
+    idx, targets = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
+    targets[0, :5] = -1
+    targets[1, 10:] = -1
+    with torch.no_grad():
+        logp = F.log_softmax(model(idx), dim=-1)
+        per_token = model(idx, targets, loss_reduction="none")
+        total = model(idx, targets, loss_reduction="sum")
+        mean = model(idx, targets)
+    valid = targets != -1
+    nll = -logp[valid].gather(-1, targets[valid][:, None])[:, 0]
+    assert per_token.shape == (32,) and (per_token.view(2, 16)[~valid] == 0).all()
+    assert torch.allclose(per_token.view(2, 16)[valid], nll, atol=1e-5)
+    assert torch.allclose(total, nll.sum(), atol=1e-4) and torch.allclose(mean, nll.mean(), atol=1e-5)
+
+
+# --- training -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_kv_head=1), dict(num_experts=4, top_k=2)])
+def test_loss_decreases_on_real_text(tiny_tokenizer, kw):
+    """A few AdamW steps on one fixed batch of real tokenized text must fit it (dense, GQA/MQA, MoE)."""
+    tok = tiny_tokenizer
+    ids = tok.encode("Natalia sold clips to 48 of her friends in April, and then she sold half as many "
+                     "clips in May. How many clips did Natalia sell altogether in April and May? 72. " * 2)
+    rows = torch.tensor([ids[:33], ids[10:43]])
+    model = build(vocab_size=tok.vocab_size, sequence_len=32, **kw).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = model(rows[:, :-1], rows[:, 1:])
+        loss.backward()
+        model.update_moe_balancing()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert all(p.grad is None for p in model.parameters())
+
+
+# --- CUDA: FlexAttention path vs SDPA path --------------------------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("docs", [False, True])
+def test_flex_attention_matches_sdpa_on_cuda(monkeypatch, docs):
+    monkeypatch.setenv("NANOCHAT_DTYPE", "float32")
+    model = build(init=False, sequence_len=512, window_pattern="SL", n_layer=3).cuda()
+    model.init_weights()
+    randomize(model)
+    idx = torch.randint(0, 300, (2, 256), device="cuda")
+    doc_ids = torch.tensor([[0] * 50 + [1] * 206, [0] * 200 + [1] * 56], device="cuda") if docs else None
+    flex = model.train()(idx, doc_ids=doc_ids)
+    sdpa = model.eval()(idx, doc_ids=doc_ids)
+    assert torch.allclose(flex, sdpa, atol=2e-3), (flex - sdpa).abs().max()

@@ -1,0 +1,112 @@
+"""Checkpoints in nanochat's layout (reference §5), written atomically, loaded with weights_only=True.
+
+    <base>/<phase>_checkpoints/<tag>/model_SSSSSS.pt, meta_SSSSSS.json, optim_SSSSSS_rankR.pt
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.config import GPTConfig
+
+PHASE_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def base_dir(data_dir: str | Path | None = None) -> Path:
+    """NANOCHAT_BASE_DIR if set, else the data dir (so the demo never writes into ~/.cache/nanochat)."""
+    env = os.environ.get("NANOCHAT_BASE_DIR")
+    return Path(env) if env else Path(data_dir or "data")
+
+
+def find_model_tag(phase_dir: Path) -> str:
+    """nanochat's default: the largest dN tag, else the most recently modified folder."""
+    dirs = [d for d in phase_dir.iterdir() if d.is_dir()] if phase_dir.is_dir() else []
+    if not dirs:
+        raise CheckpointError(f"no checkpoints in {phase_dir}")
+    tagged = [(int(m.group(1)), d.name) for d in dirs if (m := re.match(r"d(\d+)", d.name))]
+    if tagged:
+        return max(tagged)[1]
+    return max(dirs, key=lambda d: d.stat().st_mtime).name
+
+
+def find_last_step(ckpt_dir: Path) -> int:
+    steps = [int(m.group(1)) for p in ckpt_dir.glob("model_*.pt") if (m := re.fullmatch(r"model_(\d+)\.pt", p.name))]
+    if not steps:
+        raise CheckpointError(f"no model_<step>.pt in {ckpt_dir}")
+    return max(steps)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict | None, optim_state: dict | None,
+                    meta: dict | None, rank: int) -> None:
+    """Rank 0 writes model and meta; every rank writes its optimizer shard. Meta goes last: it marks completion."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if optim_state is not None:
+        _atomic_save(optim_state, ckpt_dir / f"optim_{step:06d}_rank{rank}.pt")
+    if rank == 0:
+        if model_state is not None:
+            _atomic_save(model_state, ckpt_dir / f"model_{step:06d}.pt")
+        if meta is not None:
+            tmp = ckpt_dir / f".meta_{step:06d}.json.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+            os.replace(tmp, ckpt_dir / f"meta_{step:06d}.json")
+
+
+def load_meta(ckpt_dir: Path, step: int) -> dict:
+    path = ckpt_dir / f"meta_{step:06d}.json"
+    if not path.is_file():
+        raise CheckpointError(f"missing {path}")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_model_state(ckpt_dir: Path, step: int, device: torch.device) -> dict[str, torch.Tensor]:
+    path = ckpt_dir / f"model_{step:06d}.pt"
+    if not path.is_file():
+        raise CheckpointError(f"missing {path}")
+    state = torch.load(path, map_location=device, weights_only=True)
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    if torch.device(device).type != "cuda":
+        state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.items()}
+    return state
+
+
+def load_optim_state(ckpt_dir: Path, step: int, rank: int, device: torch.device) -> dict | None:
+    path = ckpt_dir / f"optim_{step:06d}_rank{rank}.pt"
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def config_from_meta(meta: dict) -> GPTConfig:
+    cfg = dict(meta["model_config"])
+    cfg.setdefault("window_pattern", "L")
+    return GPTConfig.from_dict(cfg)
+
+
+def build_model(meta: dict, state: dict[str, torch.Tensor], device: torch.device):
+    """nanochat's load path: meta device → to_empty → init_weights (rotary, dtypes) → strict load with assign."""
+    from trainer.model import GPT
+    config = config_from_meta(meta)
+    n = config.n_layer
+    state.setdefault("resid_lambdas", torch.ones(n))
+    state.setdefault("x0_lambdas", torch.zeros(n))
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    model.load_state_dict(state, strict=True, assign=True)
+    return model

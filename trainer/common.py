@@ -1,0 +1,80 @@
+"""Small shared pieces of the trainer: devices, dtypes, ranks, peak FLOPs, the fp32-master Linear."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def compute_dtype(device: torch.device | str) -> torch.dtype:
+    """Activation dtype, as nanochat picks it: env NANOCHAT_DTYPE, else bf16 on CUDA SM >= 8.0, else fp32."""
+    env = os.environ.get("NANOCHAT_DTYPE", "")
+    if env:
+        if env not in _DTYPES:
+            raise ValueError(f"NANOCHAT_DTYPE={env!r}: expected one of {sorted(_DTYPES)}")
+        return _DTYPES[env]
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
+
+
+def autodetect_device() -> str:
+    """Device type to run on: cuda, else mps, else cpu."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def dist_info() -> tuple[bool, int, int, int]:
+    """(is_ddp, rank, local_rank, world_size) from the variables torchrun sets."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only, so a multi-GPU run logs each line once."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs)
+
+
+# BF16 dense peak FLOP/s. First entry whose substrings all occur in the lower-cased name wins,
+# so the specific variants (NVL, PCIe, GB200 vs B200, L40S vs L4) must come before the generic ones.
+PEAK_FLOPS = (
+    (("gb200",), 2.5e15), (("grace blackwell",), 2.5e15), (("b200",), 2.25e15), (("b100",), 1.8e15),
+    (("h200", "nvl"), 836e12), (("h200", "pcie"), 836e12), (("h200",), 989e12),
+    (("h100", "nvl"), 835e12), (("h100", "pcie"), 756e12), (("h100",), 989e12),
+    (("h800", "nvl"), 989e12), (("h800",), 756e12),
+    (("a100",), 312e12), (("a800",), 312e12), (("a40",), 149.7e12), (("a30",), 165e12),
+    (("l40s",), 362e12), (("l40-s",), 362e12), (("l40 s",), 362e12), (("l4",), 121e12),
+    (("mi355",), 2.5e15), (("mi325",), 1.3074e15), (("mi300x",), 1.3074e15), (("mi300a",), 980.6e12),
+    (("mi250x",), 383e12), (("mi250",), 362.1e12),
+    (("5090",), 209.5e12), (("4090",), 165.2e12), (("3090",), 71e12),
+)
+
+
+def get_peak_flops(device_name: str) -> float:
+    """Peak BF16 FLOP/s of a device by name; unknown devices (and CPU/MPS) give inf, so MFU reads 0."""
+    name = device_name.lower()
+    for parts, flops in PEAK_FLOPS:
+        if all(p in name for p in parts):
+            return flops
+    print0(f"WARNING: peak FLOPs unknown for {device_name!r}; MFU will show as 0%")
+    return float("inf")
+
+
+class Linear(nn.Linear):
+    """No-bias Linear whose fp32 master weight is cast to the activation dtype at matmul time."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))

@@ -1,0 +1,301 @@
+"""nanochat's GPT (moe3 branch), written afresh with identical state-dict names, shapes, init and math:
+rotary (-theta convention, base 1e5) before QK norm x1.2, sliding-window attention, value embeddings
+with gates, smear, x0/residual lambdas, backout, softcapped logits over a vocab padded to 64.
+Attention: FlexAttention on CUDA while training (windows and packed-document masks as block masks),
+SDPA elsewhere (explicit boolean mask). Optionally, `doc_ids` (B, T) keeps packed documents apart."""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from trainer.common import Linear, compute_dtype
+from trainer.config import GPTConfig
+from trainer.moe import MoE, update_expert_biases
+
+SMEAR_CHANNELS, VE_GATE_CHANNELS = 24, 12
+SOFTCAP, ROPE_BASE, QK_SCALE, ROTARY_OVERCOMPUTE = 15.0, 100_000, 1.2, 10
+_BLOCK_MASKS: dict = {}  # (T, left, device) -> BlockMask, for rows without document ids
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def has_value_embed(layer: int, n_layer: int) -> bool:
+    """Alternate layers, the last one included."""
+    return layer % 2 == (n_layer - 1) % 2
+
+
+def window_sizes(config: GPTConfig) -> list[int]:
+    """Left window per layer: query t sees keys t-left..t. L = sequence_len, S = a quarter rounded up to 128."""
+    long = config.sequence_len
+    short = math.ceil(long / 4 / 128) * 128
+    pattern = config.window_pattern.upper()
+    lefts = [long if pattern[i % len(pattern)] == "L" else short for i in range(config.n_layer)]
+    lefts[-1] = long
+    return lefts
+
+
+def rotary_tables(seq_len: int, head_dim: int, device=None, dtype=torch.float32):
+    inv_freq = 1.0 / ROPE_BASE ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos().to(dtype)[None, :, None, :], angles.sin().to(dtype)[None, :, None, :]
+
+
+def apply_rotary(x, cos, sin):
+    """x (B, T, H, D), halves rotated by -theta (nanochat's convention; checkpoints depend on it)."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+def attention_mask(T: int, left: int, doc_ids=None, device=None) -> torch.Tensor:
+    """Boolean (T, T), or (B, 1, T, T) with doc_ids: causal, within the window, same document."""
+    pos = torch.arange(T, device=device)
+    gap = pos[:, None] - pos[None, :]
+    mask = (gap >= 0) & (gap <= left)
+    if doc_ids is None:
+        return mask
+    return (mask & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
+
+
+@torch.compiler.disable
+def block_mask(T: int, left: int, doc_ids, device):
+    """FlexAttention block mask; cached per (T, left, device) when there are no document ids."""
+    def window(b, h, q, kv):
+        return (q >= kv) & (q - kv <= left)
+
+    if doc_ids is None:
+        key = (T, left, str(device))
+        if key not in _BLOCK_MASKS:
+            _BLOCK_MASKS[key] = create_block_mask(window, None, None, T, T, device=device, _compile=True)
+        return _BLOCK_MASKS[key]
+
+    def window_doc(b, h, q, kv):
+        return window(b, h, q, kv) & (doc_ids[b, q] == doc_ids[b, kv])
+
+    return create_block_mask(window_doc, doc_ids.size(0), None, T, T, device=device, _compile=True)
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)  # built on first use: importing inductor takes seconds
+
+
+def attend(q, k, v, left: int, doc_ids=None, mask=None):
+    """q (B, Hq, T, D), k/v (B, Hkv, T, D); GQA shares each kv head among Hq/Hkv query heads."""
+    if mask is not None:
+        flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex()  # eager flex is a slow fallback
+        return flex(q, k, v, block_mask=mask, enable_gqa=True)
+    T, gqa = q.size(2), q.size(1) != k.size(1)
+    if left >= T - 1 and doc_ids is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(T, left, doc_ids, q.device),
+                                          enable_gqa=gqa)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        C = config.n_embd
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, C // config.n_head
+        self.c_q = Linear(C, self.n_head * self.head_dim)
+        self.c_k = Linear(C, self.n_kv_head * self.head_dim)
+        self.c_v = Linear(C, self.n_kv_head * self.head_dim)
+        self.c_proj = Linear(C, C)
+        self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_value_embed(layer, config.n_layer) else None
+
+    def forward(self, x, ve, cos, sin, left, doc_ids, mask):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # ResFormer value residual, gated per kv head
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), left, doc_ids, mask)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer: int):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer)
+        self.mlp = MoE(config) if config.num_experts > 0 else MLP(config)
+
+    def forward(self, x, ve, cos, sin, left, doc_ids, mask):
+        x = x + self.attn(norm(x), ve, cos, sin, left, doc_ids, mask)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        C, L = config.n_embd, config.n_layer
+        self.padded_vocab = math.ceil(config.vocab_size / 64) * 64
+        self.windows = window_sizes(config)
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(self.padded_vocab, C),
+            h=nn.ModuleList(Block(config, i) for i in range(L)),
+        ))
+        self.lm_head = Linear(C, self.padded_vocab)
+        kv_dim = config.n_kv_head * (C // config.n_head)
+        self.value_embeds = nn.ModuleDict(
+            {str(i): nn.Embedding(self.padded_vocab, kv_dim) for i in range(L) if has_value_embed(i, L)})
+        self.resid_lambdas = nn.Parameter(torch.ones(L))
+        self.x0_lambdas = nn.Parameter(torch.zeros(L))
+        self.smear_gate = Linear(SMEAR_CHANNELS, 1)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_lambda = nn.Parameter(torch.zeros(1))
+        cos, sin = rotary_tables(ROTARY_OVERCOMPUTE * config.sequence_len, C // config.n_head)
+        self.register_buffer("cos", cos, persistent=False)  # rebuilt by init_weights, never saved
+        self.register_buffer("sin", sin, persistent=False)
+        self.dtype = torch.float32  # activation dtype; set by init_weights from the parameters' device
+
+    @torch.no_grad()
+    def init_weights(self):
+        """nanochat's init, in its order (the RNG stream depends on it). Also rebuilds the rotary tables
+        and casts the embeddings to the compute dtype: call it after to_empty(device), before loading."""
+        C, L = self.config.n_embd, self.config.n_layer
+        s = math.sqrt(3) / math.sqrt(C)  # uniform with the std of N(0, 1/C)
+        nn.init.normal_(self.transformer.wte.weight, 0.0, 0.8)
+        nn.init.normal_(self.lm_head.weight, 0.0, 0.001)
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+                nn.init.uniform_(lin.weight, -s, s)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            if isinstance(block.mlp, MoE):
+                block.mlp.init_weights(s)
+            else:
+                nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * s, 0.4 * s)
+                nn.init.zeros_(block.mlp.c_proj.weight)
+        frac = [i / max(L - 1, 1) for i in range(L)]
+        self.resid_lambdas.copy_(torch.tensor([1.15 - 0.10 * f for f in frac]))
+        self.x0_lambdas.copy_(torch.tensor([0.20 - 0.15 * f for f in frac]))
+        self.smear_lambda.fill_(0.0)
+        self.backout_lambda.fill_(0.2)
+        nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        for emb in self.value_embeds.values():
+            nn.init.uniform_(emb.weight, -s, s)
+        for block in self.transformer.h:
+            if block.attn.ve_gate is not None:
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+        device = self.transformer.wte.weight.device
+        self.dtype = compute_dtype(device)
+        self.cos, self.sin = rotary_tables(ROTARY_OVERCOMPUTE * self.config.sequence_len,
+                                           C // self.config.n_head, device, self.dtype)
+        if self.dtype != torch.float16:  # fp16 keeps fp32 embeddings (a GradScaler handles the rest)
+            self.transformer.wte.to(self.dtype)
+            self.value_embeds.to(self.dtype)
+
+    def forward(self, idx, targets=None, loss_reduction: str = "mean", doc_ids=None):
+        """idx (B, T) -> logits (B, T, V) fp32, or the loss (ignore_index=-1): a scalar for mean/sum,
+        per token (B*T,) for "none". doc_ids (B, T): tokens attend only within their own document."""
+        B, T = idx.shape
+        if T > self.cos.size(1):
+            raise ValueError(f"sequence of {T} tokens exceeds the rotary cache of {self.cos.size(1)}")
+        if doc_ids is not None and doc_ids.shape != idx.shape:
+            raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != idx shape {tuple(idx.shape)}")
+        dt, V = self.dtype, self.config.vocab_size
+        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        x = norm(self.transformer.wte(idx).to(dt))
+        if T > 1:  # smear: mix the previous token's embedding in, gated by the current one
+            gate = self.smear_lambda.to(dt) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
+            if doc_ids is not None:  # not across a document boundary
+                gate = gate * (doc_ids[:, 1:] == doc_ids[:, :-1]).unsqueeze(-1).to(dt)
+            x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+        x0, x_mid = x, None
+        masks = None
+        if idx.is_cuda and self.training:  # eval and generation vary T: SDPA avoids recompiling flex per length
+            masks = {left: block_mask(T, left, doc_ids, idx.device) for left in set(self.windows)}
+        for i, block in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i].to(dt) * x + self.x0_lambdas[i].to(dt) * x0
+            ve = self.value_embeds[str(i)](idx).to(dt) if str(i) in self.value_embeds else None
+            left = self.windows[i]
+            x = block(x, ve, cos, sin, left, doc_ids, masks[left] if masks else None)
+            if i == self.config.n_layer // 2:
+                x_mid = x
+        x = norm(x - self.backout_lambda.to(dt) * x_mid)
+        logits = self.lm_head(x)[..., :V].float()
+        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, V), targets.reshape(-1), ignore_index=-1, reduction=loss_reduction)
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.mlp for b in self.transformer.h if isinstance(b.mlp, MoE)]
+
+    def update_moe_balancing(self, coeff: float = 1e-3) -> None:
+        """Once per optimizer step, before optimizer.step(); a no-op for dense models."""
+        update_expert_biases(self.moe_layers(), coeff)
+
+    def num_scaling_params(self) -> dict[str, int]:
+        def count(ps):
+            return sum(p.numel() for p in ps)
+        n = dict(wte=self.transformer.wte.weight.numel(), value_embeds=count(self.value_embeds.parameters()),
+                 lm_head=self.lm_head.weight.numel(), transformer_matrices=count(self.transformer.h.parameters()),
+                 scalars=count([self.resid_lambdas, self.x0_lambdas, self.smear_gate.weight,
+                                self.smear_lambda, self.backout_lambda]))
+        E, K = self.config.num_experts, self.config.top_k
+        n["moe_inactive"] = sum((m.experts.w_up.numel() + m.experts.w_down.numel()) * (E - K) // E
+                                for m in self.moe_layers())
+        n["active_transformer_matrices"] = n["transformer_matrices"] - n["moe_inactive"]
+        n["total"] = n["wte"] + n["value_embeds"] + n["lm_head"] + n["transformer_matrices"] + n["scalars"]
+        n["active_total"] = n["total"] - n["moe_inactive"]
+        assert n["total"] == count(self.parameters()), "num_scaling_params misses a parameter"
+        return n
+
+    def estimate_flops(self) -> int:
+        """Forward + backward FLOPs per token: 6 x active matmul params + the attention score/value term."""
+        n = self.num_scaling_params()
+        matmul = n["total"] - n["wte"] - n["value_embeds"] - n["scalars"] - n["moe_inactive"]
+        D = self.config.n_embd // self.config.n_head
+        attn = sum(12 * self.config.n_head * D * min(left, self.config.sequence_len) for left in self.windows)
+        return 6 * matmul + attn
+
+    def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
+                        scalar_lr=0.5, router_lr=0.005) -> list[dict]:
+        """nanochat's parameter groups, in its order (the order fixes optimizer state indices)."""
+        r = (self.config.n_embd / 768) ** -0.5  # AdamW LRs were tuned at C=768
+
+        def adamw(params, lr, betas, wd):
+            return dict(kind="adamw", params=params, lr=lr, betas=betas, eps=1e-10, weight_decay=wd)
+
+        routers = [m.router.gate.weight for m in self.moe_layers()]
+        groups = [
+            adamw([self.lm_head.weight], unembedding_lr * r, (0.8, 0.96), 0.01),
+            adamw([self.transformer.wte.weight], embedding_lr * r, (0.8, 0.995), 0.001),
+            adamw(list(self.value_embeds.parameters()), embedding_lr * r * 0.5, (0.8, 0.995), 0.01),
+            adamw([self.resid_lambdas], scalar_lr * 0.01, (0.8, 0.95), 0.05),
+            adamw([self.x0_lambdas], scalar_lr, (0.96, 0.95), 0.0),
+            adamw([self.smear_gate.weight, self.smear_lambda, self.backout_lambda], 0.2, (0.8, 0.95), 0.0),
+        ]
+        if routers:
+            groups.append(adamw(routers, router_lr * r, (0.8, 0.96), 0.0))
+        router_ids = {id(p) for p in routers}
+        matrices = [p for p in self.transformer.h.parameters() if id(p) not in router_ids]
+        for shape in sorted({tuple(p.shape) for p in matrices}):
+            groups.append(dict(kind="muon", params=[p for p in matrices if tuple(p.shape) == shape], lr=matrix_lr,
+                               momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=weight_decay))
+        for g in groups:
+            g["initial_lr"] = g["lr"]
+        assert sum(len(g["params"]) for g in groups) == len(list(self.parameters())), "a parameter has no group"
+        return groups
