@@ -47,4 +47,5 @@ def _tiny_corpus() -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_tokenizer() -> ChatTokenizer:
     """A ChatTokenizer trained in-process with rustbpe (vocab ~512) on a few KB of varied text."""
+    pytest.importorskip("rustbpe", reason="rustbpe is not installed (e.g. on the GPU image)")
     return train_tokenizer(_tiny_corpus(), vocab_size=512)

@@ -3,7 +3,6 @@ bits per byte, categorical and generative eval, the code runner, task loaders an
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from pathlib import Path

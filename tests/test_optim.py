@@ -397,6 +397,8 @@ def _dist_worker(rank, world, init_file, out_file):
                 P[name].grad = g
             apply_schedule(opt, lr_multiplier(step / DIST_STEPS), muon_momentum(150 * step))
             opt.step()
+        # a rank's shard reloads into a fresh optimizer of the same world size (shape checks pass)
+        DistMuonAdamW(dist_groups(dist_params())).load_state_dict(opt.state_dict())
         torch.save({"params": {k: v.detach() for k, v in P.items()}, "optim": opt.state_dict()},
                    f"{out_file}{rank}.pt")
     finally:
@@ -444,3 +446,5 @@ def test_distributed_matches_single_process(tmp_path):
         if owned[1] < chunk:  # the padding slot never trains
             assert not s1[first]["momentum_buffer"][owned[1]:].any()
     assert set(s0) == set(s1) == {0, 1, 2, 3, 6, 7, 9}
+    with pytest.raises(ValueError, match="world size"):  # a rank shard is not a single-process state
+        MuonAdamW(dist_groups(dist_params())).load_state_dict(r0["optim"])

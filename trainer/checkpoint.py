@@ -47,8 +47,11 @@ def find_last_step(ckpt_dir: Path) -> int:
 
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:  # a failed write (disk full, interrupt) leaves neither a partial file nor a stray temp
+        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict | None, optim_state: dict | None,
@@ -102,8 +105,8 @@ def build_model(meta: dict, state: dict[str, torch.Tensor], device: torch.device
     from trainer.model import GPT
     config = config_from_meta(meta)
     n = config.n_layer
-    state.setdefault("resid_lambdas", torch.ones(n))
-    state.setdefault("x0_lambdas", torch.zeros(n))
+    state.setdefault("resid_lambdas", torch.ones(n, device=device))  # assign=True adopts the tensor's device
+    state.setdefault("x0_lambdas", torch.zeros(n, device=device))
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)

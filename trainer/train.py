@@ -31,7 +31,7 @@ from trainer.checkpoint import (PHASE_DIRS, CheckpointError, base_dir, build_mod
                                 load_meta, load_model_state, load_optim_state, save_checkpoint)
 from trainer.common import autodetect_device, compute_dtype, dist_info, get_peak_flops, print0
 from trainer.config import GPTConfig
-from trainer.data import RowSchedule, StepLoader, val_batches
+from trainer.data import RowSchedule, StepBatch, StepLoader, val_batches
 from trainer.model import GPT
 from trainer.optim import DistMuonAdamW, MuonAdamW, warm_start
 from trainer.schedule import apply_schedule, lr_multiplier, muon_momentum
@@ -128,6 +128,8 @@ def resolve_base(args, manifest, device) -> tuple[GPT, dict | None, dict, str]:
                              "NANOCHAT_BASE_DIR at a nanochat base dir, or start from scratch with --init scratch")
         _, rank, _, _ = dist_info()
         optim = load_optim_state(ckpt, step, rank, device) if args.load_optimizer else None
+        if args.load_optimizer and optim is None:  # §10.3: a warning, then fresh optimizer state
+            print0(f"WARNING: no optim_{step:06d}_rank{rank}.pt in {ckpt}: the optimizer starts fresh")
         print0(f"init: base checkpoint {ckpt}/model_{step:06d}.pt")
         return model, optim, meta, tag
     if args.init == "auto" and manifest["recipe"]["name"] != "demo":
@@ -180,6 +182,35 @@ def check_compatible(model: GPT, manifest: dict, max_seq_len: int, args) -> None
                              f"({fp[:12]}): rebuild the snapshot with the base model's tokenizer")
 
 
+# ----------------------------------------------------------------------------- one step
+
+def forward_backward(step_model, batch: StepBatch, grad_accum: int, world: int, loss_norm: str) -> torch.Tensor:
+    """Accumulate one step's gradients; returns this rank's summed loss over its supervised targets.
+
+    `token`: every supervised token of the step weighs the same, whatever row or rank it is in
+    (the optimizer averages gradients over ranks, hence the factor `world`). `mean`: the original
+    script's mean over each micro-batch, averaged over micro-steps.
+    """
+    step_loss = torch.zeros((), device=batch.tokens.device)
+    for m in range(grad_accum):
+        x, y, docs = batch.micro(m)
+        loss_sum = step_model(x, y, loss_reduction="sum", doc_ids=docs)
+        if loss_norm == "token":
+            loss = loss_sum * world / batch.n_supervised
+        else:
+            loss = loss_sum / (y >= 0).sum().clamp(min=1) / grad_accum
+        loss.backward()
+        step_loss += loss_sum.detach()
+    return step_loss
+
+
+def optimizer_step(model: GPT, optimizer, lr_mult: float, momentum: float) -> None:
+    apply_schedule(optimizer, lr_mult, momentum)
+    model.update_moe_balancing()
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+
+
 # ----------------------------------------------------------------------------- the run
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,9 +232,11 @@ def train(args) -> int:
     tok = load_tokenizer(snapshot / manifest["tokenizer"]["file"])
 
     model, base_optim, base_meta, tag = resolve_base(args, manifest, device)
-    max_seq_len = inherit(args, base_meta, "max_seq_len", "max_seq_len", manifest["max_seq_len"])
-    if args.max_seq_len is None:
-        max_seq_len = manifest["max_seq_len"]  # the snapshot fixes the row length
+    if args.max_seq_len is None:  # the snapshot fixes the row length; a base meta's max_seq_len does not apply
+        max_seq_len = manifest["max_seq_len"]
+        print0(f"max_seq_len = {max_seq_len} (the snapshot's rows)")
+    else:
+        max_seq_len = inherit(args, base_meta, "max_seq_len", "max_seq_len", manifest["max_seq_len"])
     check_compatible(model, manifest, max_seq_len, args)
     B = inherit(args, base_meta, "device_batch_size", "device_batch_size", 32 if device.type == "cuda" else 4)
     T = max_seq_len
@@ -248,6 +281,7 @@ def train(args) -> int:
         import wandb  # only when a run is named
         wandb_run = wandb.init(project="nanosft", name=args.run, config=vars(args) | {"snapshot": str(snapshot)})
     out_dir.mkdir(parents=True, exist_ok=True) if master else None
+    kept = rewrite_metrics(out_dir / "metrics.jsonl", start_step if args.resume else 0) if master else []
     metrics_file = open(out_dir / "metrics.jsonl", "a") if master else None
 
     def log(record: dict) -> None:
@@ -296,7 +330,7 @@ def train(args) -> int:
     loader = StepLoader(train_rows, schedule, rank=rank, world_size=world, grad_accum=grad_accum, device_batch=B,
                         device=device, start_step=start_step, doc_mask=args.doc_mask)
     model.train()
-    losses: list[tuple[int, float]] = []
+    losses: list[tuple[int, float]] = [(r["step"], r["loss"]) for r in kept if "loss" in r]  # the whole run's curve
     val_bpb = None
     stop_at = min(args.stop_at, num_steps) if args.stop_at > 0 else num_steps
     t_start = time.time()
@@ -309,28 +343,16 @@ def train(args) -> int:
                 run_chatcore(step)
             t0 = time.time()
             batch = loader.next()
-            step_loss = torch.zeros((), device=device)
-            for m in range(grad_accum):
-                x, y, docs = batch.micro(m)
-                loss_sum = step_model(x, y, loss_reduction="sum", doc_ids=docs)
-                if args.loss_norm == "token":
-                    loss = loss_sum * world / batch.n_supervised
-                else:  # the original script: mean over this micro-batch, averaged over micro-steps
-                    loss = loss_sum / (y >= 0).sum().clamp(min=1) / grad_accum
-                loss.backward()
-                step_loss += loss_sum.detach()
+            step_loss = forward_backward(step_model, batch, grad_accum, world, args.loss_norm)
             if ddp:
                 dist.all_reduce(step_loss)
             train_loss = step_loss.item() / batch.n_supervised
             if not math.isfinite(train_loss):
-                raise TrainError(f"loss is {train_loss} at step {step} (rank {rank} rows {batch.rows.tolist()}); "
+                raise TrainError(f"loss is {train_loss} at step {step + 1} (rank {rank} rows {batch.rows.tolist()}); "
                                  "stopping without saving: the last good checkpoint is kept")
             progress = step / num_steps
             lrm = lr_multiplier(progress, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-            apply_schedule(optimizer, lrm, muon_momentum(step))
-            model.update_moe_balancing()
-            optimizer.step()
-            model.zero_grad(set_to_none=True)
+            optimizer_step(model, optimizer, lrm, muon_momentum(step))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.time() - t0
@@ -379,6 +401,25 @@ def train(args) -> int:
     if ddp:
         dist.destroy_process_group()
     return 0
+
+
+def rewrite_metrics(path: Path, start_step: int) -> list[dict]:
+    """Keep the records a run resumed at `start_step` will not write again, so metrics.jsonl holds one record
+    per step: a crashed run's steps after its checkpoint are redone, as is an evaluation at the checkpoint
+    step itself; a fresh run (start_step 0) starts an empty file. Returns the kept records."""
+    kept = []
+    if start_step > 0 and path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a crash
+                continue
+            if r.get("step", 0) < start_step or (r.get("step") == start_step and "loss" in r):
+                kept.append(r)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return kept
 
 
 def resume(args, out_dir: Path, model: GPT, optimizer, manifest: dict, world: int, device) -> tuple[int, dict]:

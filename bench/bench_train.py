@@ -1,0 +1,178 @@
+"""Trainer throughput on one GPU: snapshot loader vs a batch kept on the GPU, tok/s, MFU, peak memory.
+
+    python bench/bench_train.py [--configs d12,d12-moe,d20,d20-moe] [--batch 32] [--steps 20]
+
+Rows come from a synthetic snapshot written through pipeline.shard_format (random ids in the
+model's vocab, nanochat-like document lengths and masks), so the loader path is the real one:
+memory-mapped shards → background thread → pinned buffer → non_blocking copy. The "resident"
+column replays one batch already on the GPU: the ratio loader/resident is the data loading
+cost that leaks into the step time (target ≤ 1.01).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.shard_format import ShardMeta, ShardRows, SplitReader, write_shard  # noqa: E402
+from trainer.common import get_peak_flops  # noqa: E402
+from trainer.config import GPTConfig  # noqa: E402
+from trainer.data import RowSchedule, StepLoader  # noqa: E402
+from trainer.model import GPT  # noqa: E402
+from trainer.optim import MuonAdamW  # noqa: E402
+from trainer.train import forward_backward, optimizer_step  # noqa: E402
+
+CONFIGS = {  # name: (depth, experts) with nanochat's sizing: C = depth·64 rounded up to 128, heads of 128
+    "d12": (12, 0), "d12-moe": (12, 8), "d20": (20, 0), "d20-moe": (20, 8),
+}
+
+
+def synthetic_snapshot(folder: Path, rows: int, seq_len: int, vocab: int, seed: int = 0) -> SplitReader:
+    rng = np.random.default_rng(seed)
+    L = seq_len + 1
+    meta = ShardMeta(max_seq_len=seq_len, bos_id=vocab - 9, vocab_size=vocab, tokenizer_fingerprint="synthetic",
+                     split="train")
+    paths = []
+    per_shard = 1024
+    for s in range(0, rows, per_shard):
+        n = min(per_shard, rows - s)
+        tokens = rng.integers(0, vocab - 9, size=(n, L), dtype=np.int64).astype(np.uint16)
+        lens_all, offsets = [], [0]
+        for _ in range(n):
+            lens = []
+            left = L
+            while left > 0:
+                d = int(min(left, max(16, rng.lognormal(6.0, 1.0))))
+                lens.append(d)
+                left -= d
+            lens_all.extend(lens)
+            offsets.append(len(lens_all))
+        mask = (rng.random((n, L)) < 0.6).astype(np.uint8)
+        mask[:, 0] = 0
+        lens_arr = np.array(lens_all, dtype=np.int32)
+        rows_obj = ShardRows(tokens=tokens, mask=mask, doc_offsets=np.array(offsets, dtype=np.int32),
+                             doc_lens=lens_arr, doc_ids=np.arange(len(lens_arr)), doc_tasks=np.zeros(len(lens_arr),
+                                                                                                      dtype=np.int16))
+        p = folder / f"train-{s // per_shard:05d}.arrow"
+        write_shard(p, rows_obj, meta)
+        paths.append(p)
+    return SplitReader(paths)
+
+
+def build(depth: int, experts: int, seq_len: int, vocab: int, device) -> GPT:
+    C = -(-depth * 64 // 128) * 128
+    cfg = GPTConfig(sequence_len=seq_len, vocab_size=vocab, n_layer=depth, n_head=C // 128, n_kv_head=C // 128,
+                    n_embd=C, num_experts=experts, top_k=2)
+    torch.manual_seed(42)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+def time_steps(fn, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def bench_config(name: str, reader: SplitReader, args, device) -> dict:
+    depth, experts = CONFIGS[name]
+    T = reader.meta.max_seq_len
+    model = build(depth, experts, T, reader.meta.vocab_size, device)
+    opt = MuonAdamW(model.setup_optimizer())
+    step_model = torch.compile(model, dynamic=False)
+    B = args.batch
+    schedule = RowSchedule(reader.num_rows, B)
+    loader = StepLoader(reader, schedule, rank=0, world_size=1, grad_accum=1, device_batch=B, device=device,
+                        start_step=0)
+    torch.cuda.reset_peak_memory_stats(device)
+
+    def loader_step():
+        batch = loader.next()
+        forward_backward(step_model, batch, 1, 1, "token")
+        optimizer_step(model, opt, 1.0, 0.95)
+
+    resident = loader.next()
+
+    def resident_step():
+        forward_backward(step_model, resident, 1, 1, "token")
+        optimizer_step(model, opt, 1.0, 0.95)
+
+    t0 = time.time()
+    time_steps(loader_step, args.warmup)
+    compile_s = time.time() - t0
+    # interleave the two modes in blocks so clock drift hits both alike
+    a, b = [], []
+    for _ in range(2):
+        a += time_steps(loader_step, args.steps // 2)
+        b += time_steps(resident_step, args.steps // 2)
+    loader.close()
+    dt_loader, dt_res = statistics.median(a), statistics.median(b)
+    tokens = B * T
+    peak = get_peak_flops(torch.cuda.get_device_name(device))
+    flops = model.estimate_flops()
+    res = {"config": name, "params": sum(p.numel() for p in model.parameters()), "B": B, "T": T,
+           "compile_s": compile_s, "ms_loader": 1e3 * dt_loader, "ms_resident": 1e3 * dt_res,
+           "ratio": dt_loader / dt_res, "tok_s": tokens / dt_loader, "mfu": 100 * flops * tokens / dt_loader / peak,
+           "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+           "spread_loader": (max(a) - min(a)) / dt_loader}
+    del model, opt, step_model
+    torch.cuda.empty_cache()
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", default="d12,d12-moe,d20,d20-moe")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--rows", type=int, default=4096)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_train needs a CUDA GPU (run it through the device tool)")
+        return 1
+    device = torch.device("cuda", 0)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    print(f"# {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        reader = synthetic_snapshot(Path(tmp), args.rows, args.seq_len, args.vocab)
+        for name in args.configs.split(","):
+            try:
+                r = bench_config(name, reader, args, device)
+            except torch.OutOfMemoryError:
+                print(f"{name}: out of memory at batch {args.batch}")
+                torch.cuda.empty_cache()
+                continue
+            results.append(r)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
+    print()
+    print(f"| config | params | B×T | step ms (loader) | step ms (resident) | ratio | tok/s | MFU % | peak GiB | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['config']} | {r['params'] / 1e6:.0f}M | {r['B']}×{r['T']} | {r['ms_loader']:.1f} | "
+              f"{r['ms_resident']:.1f} | {r['ratio']:.3f} | {r['tok_s']:,.0f} | {r['mfu']:.1f} | {r['peak_gib']:.1f} | "
+              f"{r['compile_s']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
