@@ -38,10 +38,12 @@ def find_model_tag(phase_dir: Path) -> str:
     return max(dirs, key=lambda d: d.stat().st_mtime).name
 
 
-def find_last_step(ckpt_dir: Path) -> int:
-    steps = [int(m.group(1)) for p in ckpt_dir.glob("model_*.pt") if (m := re.fullmatch(r"model_(\d+)\.pt", p.name))]
+def find_last_step(ckpt_dir: Path, complete: bool = False) -> int:
+    """Largest step with a model file (nanochat's rule); with `complete`, only steps whose meta (written last) exists."""
+    pattern = r"meta_(\d+)\.json" if complete else r"model_(\d+)\.pt"
+    steps = [int(m.group(1)) for p in ckpt_dir.glob("*_*") if (m := re.fullmatch(pattern, p.name))]
     if not steps:
-        raise CheckpointError(f"no model_<step>.pt in {ckpt_dir}")
+        raise CheckpointError(f"no {'finished checkpoint' if complete else 'model_<step>.pt'} in {ckpt_dir}")
     return max(steps)
 
 
@@ -56,13 +58,16 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict | None, optim_state: dict | None,
                     meta: dict | None, rank: int) -> None:
-    """Rank 0 writes model and meta; every rank writes its optimizer shard. Meta goes last: it marks completion."""
+    """Rank 0 writes model and meta; every rank writes its optimizer shard. Meta goes last: it marks completion
+    (in a distributed run only after every rank's shard is on disk)."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if optim_state is not None:
         _atomic_save(optim_state, ckpt_dir / f"optim_{step:06d}_rank{rank}.pt")
+    if rank == 0 and model_state is not None:
+        _atomic_save(model_state, ckpt_dir / f"model_{step:06d}.pt")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
     if rank == 0:
-        if model_state is not None:
-            _atomic_save(model_state, ckpt_dir / f"model_{step:06d}.pt")
         if meta is not None:
             tmp = ckpt_dir / f".meta_{step:06d}.json.tmp-{os.getpid()}"
             tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")

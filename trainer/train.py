@@ -376,6 +376,7 @@ def train(args) -> int:
                 save(step + 1, val_bpb)
     finally:
         loader.close()
+        gc.unfreeze()
     done = stop_at
     if done == num_steps:
         if args.eval_every > 0:
@@ -425,7 +426,7 @@ def rewrite_metrics(path: Path, start_step: int) -> list[dict]:
 def resume(args, out_dir: Path, model: GPT, optimizer, manifest: dict, world: int, device) -> tuple[int, dict]:
     """Continue this run's latest checkpoint exactly: same snapshot, same world size, same schedule."""
     try:
-        step = find_last_step(out_dir)
+        step = find_last_step(out_dir, complete=True)  # a checkpoint interrupted mid-write has no meta
     except CheckpointError:
         raise TrainError(f"--resume: no checkpoint in {out_dir}; run without --resume to start")
     meta = load_meta(out_dir, step)
