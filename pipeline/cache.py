@@ -29,7 +29,7 @@ from pipeline.shard_format import token_dtype
 from pipeline.tasks import build_task
 from pipeline.tokenizer import load_tokenizer
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 CHUNK = 1024  # conversations per work unit: small enough to balance, large enough to amortise IPC
 MAX_ERRORS_KEPT = 20
 
@@ -71,8 +71,8 @@ def _init_worker(spec: TaskSpec, data_dir: str, tokenizer_path: str) -> None:
     _worker["tok"] = load_tokenizer(Path(tokenizer_path))
 
 
-def _render_chunk(bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, str]]]:
-    """Render conversations [a, b): (tokens, mask, lengths, [(index, error)])."""
+def _render_chunk(bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, dict]]]:
+    """Render conversations [a, b): (tokens, mask, lengths, [(index, error fields)])."""
     task, tok = _worker["task"], _worker["tok"]
     dtype = token_dtype(tok.vocab_size)
     ids_all: list[int] = []
@@ -86,7 +86,9 @@ def _render_chunk(bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.n
             if e.file is None and hasattr(task, "locate"):
                 file, row = task.locate(i)
                 e = e.located(file=file, row=row)
-            errors.append((i, e.located(task=task.name).describe()))
+            e = e.located(task=task.name)
+            errors.append((i, {"message": e.describe(), "reason": e.reason, "file": e.file, "row": e.row,
+                               "field": e.field, "task": e.task}))
             continue
         ids_all.extend(ids)
         mask_all.extend(mask)
@@ -114,8 +116,9 @@ def render_task(spec: TaskSpec, n: int, data_dir: Path, tokenizer_path: Path, ke
     if (final / "info.json").is_file():
         return load_rendered(final)
     cache_root.mkdir(parents=True, exist_ok=True)
+    for stale in cache_root.glob(f".{key}.tmp-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = cache_root / f".{key}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     chunks = [(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
     lengths = np.zeros(n, dtype=np.int64)
@@ -137,10 +140,10 @@ def render_task(spec: TaskSpec, n: int, data_dir: Path, tokenizer_path: Path, ke
                     ids.tofile(ft)
                     mask.tofile(fm)
                     lengths[a:b] = lens
-                    for i, msg in errs:
+                    for i, err in errs:
                         bad[i] = True
                         if len(errors) < MAX_ERRORS_KEPT:
-                            errors.append({"index": i, "message": msg})
+                            errors.append({"index": i, **err})
                     bar.update(b - a)
             finally:
                 bar.close()

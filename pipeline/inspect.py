@@ -77,9 +77,10 @@ def main(argv: list[str] | None = None) -> int:
             reader = SplitReader(shard_paths(args.snapshot, manifest, args.split))
             names = [t["name"] for t in manifest["tasks"]]
             color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-            print(f"{args.split} row {args.row} of {reader.num_rows}: {int(reader._n_supervised[args.row])} "
+            text = render_row(reader, args.row, tok.decode, names, color)  # first: says the valid range
+            print(f"{args.split} row {args.row} of {reader.num_rows}: {reader.n_supervised([args.row])} "
                   f"supervised targets" + ("" if color else "; supervised tokens shown [[like this]]"))
-            print(render_row(reader, args.row, tok.decode, names, color))
+            print(text)
     except (SnapshotError, IndexError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

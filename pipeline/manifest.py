@@ -30,6 +30,27 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def content_sha256(path: str | Path) -> str:
+    """Hash of what a source file *says*, not how it is encoded.
+
+    Parquet bytes change with the writer's version (footer, page layout) while the rows stay the
+    same; snapshot ids and render-cache keys hash the rows (as one uncompressed Arrow IPC stream of
+    the table, schema metadata dropped), so a re-export of the same data keeps its snapshot id.
+    Other files (JSONL, word lists, pickles) are hashed as bytes.
+    """
+    path = Path(path)
+    if path.suffix != ".parquet":
+        return sha256_file(path)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pq.read_table(path)
+    table = table.replace_schema_metadata(None).combine_chunks()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return "rows:" + hashlib.sha256(sink.getvalue()).hexdigest()
+
+
 def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 

@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from pipeline.cache import RenderedTask, cache_key, render_task
 from pipeline.errors import DataError, SnapshotError
-from pipeline.manifest import (MANIFEST_NAME, TOKENIZER_NAME, SPLITS, compare_lock, load_manifest, lock_entry, lock_path, sha256_file,
-                               snapshot_id, verify_snapshot, write_json_atomic)
+from pipeline.manifest import (MANIFEST_NAME, SPLITS, TOKENIZER_NAME, compare_lock, content_sha256, load_manifest,
+                               lock_entry, lock_path, sha256_file, snapshot_id, verify_snapshot, write_json_atomic)
 from pipeline.mixture import mixture_order
 from pipeline.pack import PackPlan, lower_bound_rows, pack
 from pipeline.recipe import Recipe, TaskSpec, load_recipe, resolve_recipe_path
@@ -87,7 +87,8 @@ def describe_input(path: Path, data_dir: Path) -> dict[str, Any]:
         shown = str(path.resolve().relative_to(data_dir.resolve()))
     except ValueError:
         shown = str(path)
-    return {"path": shown, "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return {"path": shown, "bytes": path.stat().st_size, "sha256": sha256_file(path),
+            "content_sha256": content_sha256(path)}
 
 
 # ----------------------------------------------------------------------------- per split
@@ -257,10 +258,12 @@ def prepare(recipe_file: Path, data_dir: Path, workers: int, update_lock: bool =
     for t in tasks:
         for p in t.inputs():
             inputs.setdefault(str(Path(p).resolve()), Path(p))
-    input_desc = sorted((describe_input(p, data_dir) for p in inputs.values()), key=lambda d: d["path"])
+    described = {key: describe_input(p, data_dir) for key, p in inputs.items()}
+    content_by_path = {key: d["content_sha256"] for key, d in described.items()}
+    input_desc = sorted(described.values(), key=lambda d: d["path"])
     identity = {
         "format_version": FORMAT_VERSION, "template_version": TEMPLATE_VERSION, "pack_version": PACK_VERSION,
-        "recipe": recipe.to_dict(), "inputs": [(d["path"], d["sha256"]) for d in input_desc],
+        "recipe": recipe.to_dict(), "inputs": [(d["path"], d["content_sha256"]) for d in input_desc],
         "tokenizer": tok.fingerprint,
     }
     sid = snapshot_id(identity)
@@ -284,14 +287,16 @@ def prepare(recipe_file: Path, data_dir: Path, workers: int, update_lock: bool =
     errors: list[str] = []
     cache_root = data_dir / "cache" / "render"
     for i, ((split, spec), task) in enumerate(zip(table, tasks)):
-        hashes = sorted(sha256_file(p) for p in task.inputs())
+        hashes = sorted(content_by_path[str(Path(p).resolve())] for p in task.inputs())
         key = cache_key(spec, hashes, tok.fingerprint)
         rendered[i] = render_task(spec, len(task), data_dir, tok_path, key, cache_root, workers)
         counts[i] = {"conversations": 0, "bad": 0, "truncated": 0, "dropped_long": 0, "dropped_unsupervised": 0}
         bad = rendered[i].errors
         if bad and recipe.bad_rows == "fail":
-            raise DataError(f"{bad[0]['message']} (bad_rows = 'fail'; set bad_rows = 'skip' in the recipe to skip "
-                            f"such rows; {int(rendered[i].bad.sum())} bad row(s) in this task)")
+            first = bad[0]
+            raise DataError(f"{first['reason']} (bad_rows = 'fail'; {int(rendered[i].bad.sum())} bad row(s) in "
+                            "this task; set bad_rows = 'skip' in the recipe to skip and count them)",
+                            file=first["file"], row=first["row"], field=first["field"], task=first["task"])
         errors.extend(e["message"] for e in bad)
 
     # pack and write each split into a temporary folder; rename it into place last

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from trainer.common import compute_dtype, dist_info, get_peak_flops
 from trainer.config import GPTConfig
-from trainer.model import GPT, attend, window_sizes
+import trainer.model as model_module
+from trainer.model import GPT, attend, block_masks, window_sizes
 
 TINY = dict(sequence_len=64, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64)
 
@@ -243,6 +244,20 @@ def test_attention_matches_naive(left, docs):
     q, k, v = (torch.randn(2, h, 24, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
     doc_ids = torch.tensor([[0] * 7 + [1] * 10 + [2] * 7, [0] * 20 + [1] * 4]) if docs else None
     assert torch.allclose(attend(q, k, v, left, doc_ids), naive_attention(q, k, v, left, doc_ids), atol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_flex_block_masks_match_sdpa_masks(monkeypatch):
+    """The FlexAttention mask_mods (CUDA training path), run by eager flex on CPU, agree with the SDPA masks."""
+    monkeypatch.setattr(model_module, "_compiled", lambda fn: fn)
+    monkeypatch.setattr(model_module, "_BLOCK_MASKS", {})
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 160, 8, generator=g) for h in (4, 2, 2))
+    doc_ids = torch.tensor([[0] * 70 + [1] * 90, [0] * 10 + [1] * 110 + [2] * 40])
+    for docs in (None, doc_ids):
+        for left, mask in block_masks(160, {5, 130, 512}, docs, torch.device("cpu")).items():
+            assert torch.allclose(attend(q, k, v, left, docs, mask), attend(q, k, v, left, docs), atol=1e-5)
+    assert set(model_module._BLOCK_MASKS) == {(160, left, "cpu") for left in (5, 130, 512)}
 
 
 # --- the whole forward against the spec ---------------------------------------------------------

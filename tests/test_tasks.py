@@ -296,8 +296,10 @@ def test_customjson_bad_lines(tmp_path, line, field, words):
     good = json.dumps([msg("user", "q"), msg("assistant", "a")])
     path = tmp_path / "convs.jsonl"
     path.write_text(f"{good}\n\n{line}\n{good}\n")
+    task = build_task(spec("customjson", name="ident", path=str(path)), tmp_path)
+    assert len(task) == 3 and task[0] == task[2]  # a bad line fails when read: the bad-row policy decides
     with pytest.raises(DataError) as e:
-        build_task(spec("customjson", name="ident", path=str(path)), tmp_path)
+        task[1]
     assert (e.value.file, e.value.row, e.value.field, e.value.task) == (str(path), 3, field, "ident")
     assert words in str(e.value)
     if field is None:
@@ -337,8 +339,9 @@ def test_chat_bad_inputs(tmp_path):
         task[1]
     assert (e.value.file, e.value.row, e.value.field) == (str(jl), 2, "messages[1].role")
     jl.write_text(json.dumps({"conversation": []}) + "\n")
+    task = build_task(spec("chat", paths="c.jsonl"), tmp_path)
     with pytest.raises(DataError) as e:
-        build_task(spec("chat", paths="c.jsonl"), tmp_path)
+        task[0]
     assert (e.value.file, e.value.row, e.value.field) == (str(jl), 1, "messages")
     (tmp_path / "c.csv").write_text("x")
     with pytest.raises(RecipeError) as e:

@@ -64,33 +64,47 @@ def attention_mask(T: int, left: int, doc_ids=None, device=None) -> torch.Tensor
     return (mask & (doc_ids[:, :, None] == doc_ids[:, None, :]))[:, None]
 
 
-@torch.compiler.disable
-def block_mask(T: int, left: int, doc_ids, device):
-    """FlexAttention block mask; cached per (T, left, device) when there are no document ids."""
+@functools.cache
+def _compiled(fn):
+    """torch.compile'd on first use (importing inductor takes seconds); eager flex is only a slow fallback."""
+    return torch.compile(fn, dynamic=False)
+
+
+def _window_mod(left: int):
     def window(b, h, q, kv):
         return (q >= kv) & (q - kv <= left)
+    return window
 
-    if doc_ids is None:
-        key = (T, left, str(device))
-        if key not in _BLOCK_MASKS:
-            _BLOCK_MASKS[key] = create_block_mask(window, None, None, T, T, device=device, _compile=True)
-        return _BLOCK_MASKS[key]
+
+def _window_doc_mod(left: int, doc_ids):
+    window = _window_mod(left)
 
     def window_doc(b, h, q, kv):
         return window(b, h, q, kv) & (doc_ids[b, q] == doc_ids[b, kv])
+    return window_doc
 
-    return create_block_mask(window_doc, doc_ids.size(0), None, T, T, device=device, _compile=True)
 
-
-@functools.cache
-def _compiled_flex():
-    return torch.compile(flex_attention, dynamic=False)  # built on first use: importing inductor takes seconds
+@torch.compiler.disable
+def block_masks(T: int, lefts: set[int], doc_ids, device) -> dict:
+    """FlexAttention block mask per window; cached per (T, left, device) when there are no document ids.
+    Compile-disabled: one clean graph break at the top of the forward instead of tracing mask building."""
+    make = _compiled(create_block_mask)
+    masks = {}
+    for left in lefts:
+        if doc_ids is None:
+            key = (T, left, str(device))
+            if key not in _BLOCK_MASKS:
+                _BLOCK_MASKS[key] = make(_window_mod(left), None, None, T, T, device=device)
+            masks[left] = _BLOCK_MASKS[key]
+        else:
+            masks[left] = make(_window_doc_mod(left, doc_ids), doc_ids.size(0), None, T, T, device=device)
+    return masks
 
 
 def attend(q, k, v, left: int, doc_ids=None, mask=None):
     """q (B, Hq, T, D), k/v (B, Hkv, T, D); GQA shares each kv head among Hq/Hkv query heads."""
     if mask is not None:
-        flex = flex_attention if torch.compiler.is_compiling() else _compiled_flex()  # eager flex is a slow fallback
+        flex = flex_attention if torch.compiler.is_compiling() else _compiled(flex_attention)
         return flex(q, k, v, block_mask=mask, enable_gqa=True)
     T, gqa = q.size(2), q.size(1) != k.size(1)
     if left >= T - 1 and doc_ids is None:
@@ -225,7 +239,7 @@ class GPT(nn.Module):
         x0, x_mid = x, None
         masks = None
         if idx.is_cuda and self.training:  # eval and generation vary T: SDPA avoids recompiling flex per length
-            masks = {left: block_mask(T, left, doc_ids, idx.device) for left in set(self.windows)}
+            masks = block_masks(T, set(self.windows), doc_ids, idx.device)
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i].to(dt) * x + self.x0_lambdas[i].to(dt) * x0
             ve = self.value_embeds[str(i)](idx).to(dt) if str(i) in self.value_embeds else None

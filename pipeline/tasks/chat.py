@@ -24,16 +24,21 @@ class _JsonlFile:
         self.messages: list[Any] = []
         self.lines: list[int] = []
         for lineno, obj in jsonl_lines(path):
-            if not isinstance(obj, dict) or "messages" not in obj:
+            if isinstance(obj, DataError):  # kept until the row is read: the bad-row policy decides
+                self.messages.append(obj)
+            elif not isinstance(obj, dict) or "messages" not in obj:
                 got = "an object without 'messages'" if isinstance(obj, dict) else type(obj).__name__
-                raise DataError(f"line {lineno} (1-based) must be a JSON object with a 'messages' key, got {got}",
-                                file=path, row=lineno, field="messages")
-            self.messages.append(obj["messages"])
+                self.messages.append(DataError(f"line {lineno} (1-based) must be a JSON object with a 'messages' "
+                                               f"key, got {got}", file=path, row=lineno, field="messages"))
+            else:
+                self.messages.append(obj["messages"])
             self.lines.append(lineno)
         self.n = len(self.messages)
 
     def get(self, r: int) -> Any:
         m = self.messages[r]
+        if isinstance(m, DataError):
+            raise m
         return [dict(x) if isinstance(x, dict) else x for x in m] if isinstance(m, list) else m
 
     def row_number(self, r: int) -> int:

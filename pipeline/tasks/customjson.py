@@ -25,16 +25,19 @@ class CustomJSON(Task):
             hint = f" (nanochat's identity file: curl -L -o {self.path} {IDENTITY_URL})" \
                 if self.path.name == "identity_conversations.jsonl" else ""
             raise SourceMissingError(f"conversation file {self.path} does not exist{hint}", file=self.path)
-        self.conversations: list[list[dict]] = []
+        self.conversations: list[list[dict] | DataError] = []  # a bad line keeps its error until it is read
         self.lines: list[int] = []
         for lineno, messages in jsonl_lines(self.path):
-            if not isinstance(messages, list):
-                raise DataError(f"line {lineno} (1-based) must be a JSON array of messages, got "
-                                f"{type(messages).__name__}", file=self.path, row=lineno, task=name)
-            try:
-                check_alternating(messages, 0, 2)
-            except DataError as e:
-                raise e.located(file=self.path, row=lineno, task=name) from None
+            if isinstance(messages, DataError):
+                pass
+            elif not isinstance(messages, list):
+                messages = DataError(f"line {lineno} (1-based) must be a JSON array of messages, got "
+                                     f"{type(messages).__name__}", file=self.path, row=lineno, task=name)
+            else:
+                try:
+                    check_alternating(messages, 0, 2)
+                except DataError as e:
+                    messages = e.located(file=self.path, row=lineno, task=name)
             self.conversations.append(messages)
             self.lines.append(lineno)
 
@@ -42,7 +45,10 @@ class CustomJSON(Task):
         return len(self.conversations)
 
     def get_example(self, p: int) -> dict[str, Any]:
-        return {"messages": [dict(m) for m in self.conversations[p]]}  # copies: callers may mutate
+        messages = self.conversations[p]
+        if isinstance(messages, DataError):
+            raise messages
+        return {"messages": [dict(m) for m in messages]}  # copies: callers may mutate
 
     def locate_example(self, p: int) -> tuple[str, int]:
         return str(self.path), self.lines[p]

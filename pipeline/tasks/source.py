@@ -169,7 +169,10 @@ class ParquetRows:
 # --- JSONL ---
 
 def jsonl_lines(path: Path) -> Iterator[tuple[int, Any]]:
-    """(1-based line number, parsed JSON) for each non-blank stripped line, as nanochat reads them."""
+    """(1-based line number, parsed JSON) for each non-blank stripped line, as nanochat reads them.
+
+    A line that is not JSON yields a DataError in place of its value, so that the bad-row policy
+    (fail or skip) decides when the row is read, not the whole file at once."""
     lineno = 0
     try:
         with open(path, "r", encoding="utf-8") as f:  # text mode: universal newlines, like nanochat
@@ -180,8 +183,8 @@ def jsonl_lines(path: Path) -> Iterator[tuple[int, Any]]:
                     continue
                 try:
                     value = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"line {lineno} (1-based) is not valid JSON: {e}", file=path, row=lineno) from None
+                except json.JSONDecodeError as e:  # handed to the caller, raised when that row is read
+                    value = DataError(f"line {lineno} (1-based) is not valid JSON: {e}", file=path, row=lineno)
                 yield lineno, value
     except UnicodeDecodeError as e:
         raise DataError(f"not valid UTF-8 (near line {lineno + 1}): {e}", file=path) from None
