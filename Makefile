@@ -33,8 +33,11 @@ prepare-data: $(STAMP)
 verify-data: $(STAMP)
 	$(BIN)/python -m pipeline.verify $(SNAPSHOT) --recipe $(RECIPE) --data-dir $(DATA_DIR)
 
+# The demo trains a small model on the CPU: ChatCORE's generative tasks (no KV cache) get a small budget there.
+DEMO_TRAIN_ARGS := --chatcore-max-sample 8 --chatcore-max-tokens 64
 train: $(STAMP)
-	$(BIN)/python -m trainer.train $(if $(SNAPSHOT),--snapshot $(SNAPSHOT),--recipe $(RECIPE) --data-dir $(DATA_DIR)) $(ARGS)
+	$(BIN)/python -m trainer.train $(if $(SNAPSHOT),--snapshot $(SNAPSHOT),--recipe $(RECIPE) --data-dir $(DATA_DIR)) \
+		$(if $(filter demo,$(RECIPE)),$(DEMO_TRAIN_ARGS)) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -9,17 +9,16 @@ Which packer when:
   conversations in stream order. Use it for parity with the original script: at world size 1 it gives the same
   rows, in the same order, up to the point where the original's buffer starts reading epoch 2; our stream ends
   there and the last buffer drains by the same rule, so every conversation is trained exactly once.
-- `bestfit`: the same rule with a larger window, so padding falls towards the lower bound while each row still
-  comes from a local stretch of the mixture order and rows still follow the stream. The default choice. The
-  window has a cost: the first ~window placements favour long conversations (each row starts with the longest
-  in a full buffer) and the last ~window drain longest-first, so those stretches of the stream are skewed by
-  length (and so by task). Measured on a 1M-conversation mix at capacity 2049, window 10_000 skews only the
-  first 1% of tokens, 65_536 the first ~7% and the last 1%. Hence the default window = 1% of the
-  conversations, clamped to [100, 10_000]; pass `window` to override.
-- `bfd-shuffle`: global best-fit-decreasing, then a seeded shuffle of the rows. The least padding (BFD uses at
-  most 11/9 of the optimal rows, plus one), but rows are built from globally sorted lengths: long conversations
-  share rows with short ones from anywhere in the corpus, and order comes only from the row shuffle. Use it
-  when tokens are scarce (many epochs, padding matters most) and locality of the mixture does not.
+- `bestfit`: the same rule with a larger window (default 1% of the conversations, clamped to [100, 10_000]).
+  Rows follow the stream, but padding stays well above the lower bound (0.26% at 2048, 0.96% at 512 on a
+  1M-conversation mix: bench/bench_prepare.py), and a large window skews the first and last ~window
+  placements towards long conversations (each row starts with the longest in a full buffer).
+- `bfd-blocks` (the default): best-fit-decreasing inside consecutive blocks of 65,536 conversations, rows
+  shuffled within each block. Padding near the global optimum (0.049% at 2048, 0.13% at 512 on the same mix)
+  while each conversation stays within its block of the mixture order (mean displacement 2% of the epoch).
+- `bfd-shuffle`: global best-fit-decreasing, then a seeded shuffle of all rows. The least padding (BFD uses
+  at most 11/9 of the optimal rows, plus one), but rows are built from globally sorted lengths and the
+  mixture order is gone. Use it when locality of the mixture does not matter.
 
 The best-fit rule, for a window of W: before every placement the buffer holds the W earliest unplaced
 conversations (pops shift later entries up and refills append in stream order, so buffer order == stream
@@ -168,18 +167,13 @@ def bestfit(lengths, capacity: int, window: int | None = None) -> PackPlan:
     return _bestfit_window(lengths, int(capacity), window)
 
 
-def bfd_shuffle(lengths, capacity: int, seed: int = 0) -> PackPlan:
-    """Global best-fit-decreasing, then the rows in a seeded random order.
+def _bfd_rows(L: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit-decreasing over lengths L: rows as lists of indices into L.
 
-    Longest first (ties by id), each into the fullest row it fits, the earliest opened among equally full
-    ones. Within a row, conversations stay in placement order (longest first).
+    Longest first (ties by index), each into the fullest row it fits, the earliest opened among equally
+    full ones. Within a row, conversations stay in placement order (longest first).
     """
-    lengths = _check_lengths(lengths, capacity)
-    capacity = int(capacity)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise PackError(f"seed must be a non-negative integer, got {seed!r}")
-    ids = np.argsort(-lengths, kind="stable").tolist()
-    L = lengths.tolist()
+    ids = np.argsort(-np.asarray(L, dtype=np.int64), kind="stable").tolist()
     by_free = [[] for _ in range(capacity + 1)]  # per free space: heap of open row ids
     free_bits = 0  # bit f set <=> some open row has exactly f free tokens (f >= 1)
     rows: list[list[int]] = []
@@ -202,14 +196,57 @@ def bfd_shuffle(lengths, capacity: int, seed: int = 0) -> PackPlan:
             if not by_free[f]:
                 free_bits |= 1 << f
             heapq.heappush(by_free[f], r)
+    return rows
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise PackError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+def _plan_from_rows(rows: list[list[int]], perm: list[int], offset: int = 0) -> tuple[list[int], list[int]]:
+    order = [offset + i for r in perm for i in rows[r]]
+    return order, [len(rows[r]) for r in perm]
+
+
+def _plan(order: list[int], sizes: list[int]) -> PackPlan:
+    offsets = np.concatenate([[0], np.cumsum(np.asarray(sizes, dtype=np.int64))]).astype(np.int64)
+    return PackPlan(np.asarray(order, dtype=np.int64), offsets)
+
+
+def bfd_shuffle(lengths, capacity: int, seed: int = 0) -> PackPlan:
+    """Global best-fit-decreasing, then the rows in a seeded random order."""
+    lengths = _check_lengths(lengths, capacity)
+    seed = _check_seed(seed)
+    rows = _bfd_rows(lengths.tolist(), int(capacity))
     perm = np.random.default_rng(seed).permutation(len(rows)).tolist()
-    order = [i for r in perm for i in rows[r]]
-    sizes = np.array([len(rows[r]) for r in perm], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    return PackPlan(np.array(order, dtype=np.int64), offsets)
+    return _plan(*_plan_from_rows(rows, perm))
 
 
-PACKERS = {"bestfit-seed": bestfit_seed, "bestfit": bestfit, "bfd-shuffle": bfd_shuffle}
+def bfd_blocks(lengths, capacity: int, block: int = 65_536, seed: int = 0) -> PackPlan:
+    """Best-fit-decreasing inside consecutive blocks of the stream, rows shuffled within each block.
+
+    Padding close to global BFD (a block of 65K conversations already holds every length many times over)
+    while conversations move at most one block away from their mixture position, and blocks keep the
+    stream order: the mixture stays locally random and the start and end of the epoch are not skewed by
+    length. Block b's rows are shuffled with the seed (seed, b).
+    """
+    lengths = _check_lengths(lengths, capacity)
+    seed = _check_seed(seed)
+    block = _check_positive("block", block)
+    order: list[int] = []
+    sizes: list[int] = []
+    for b, start in enumerate(range(0, len(lengths), block)):
+        rows = _bfd_rows(lengths[start:start + block].tolist(), int(capacity))
+        perm = np.random.default_rng([seed, b]).permutation(len(rows)).tolist()
+        o, z = _plan_from_rows(rows, perm, start)
+        order += o
+        sizes += z
+    return _plan(order, sizes)
+
+
+PACKERS = {"bestfit-seed": bestfit_seed, "bestfit": bestfit, "bfd-shuffle": bfd_shuffle, "bfd-blocks": bfd_blocks}
 
 
 def pack(lengths, capacity: int, method: str, **options) -> PackPlan:

@@ -36,7 +36,7 @@ class TaskSpec:
 MASK_POLICIES = ("assistant", "all")
 OVERLONG_POLICIES = ("truncate", "drop")
 BAD_ROW_POLICIES = ("fail", "skip")
-PACKERS = ("bestfit-seed", "bestfit", "bfd-shuffle")
+PACKERS = ("bestfit-seed", "bestfit", "bfd-shuffle", "bfd-blocks")
 TOKENIZER_SOURCES = ("file", "train")
 
 
@@ -51,7 +51,7 @@ class TokenizerSpec:
 
 @dataclass(frozen=True)
 class PackingSpec:
-    method: str = "bestfit"
+    method: str = "bfd-blocks"
     options: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -193,7 +193,7 @@ def parse_recipe(data: Mapping[str, Any], file: str = "<recipe>") -> Recipe:
     t.done()
 
     p = f.sub("packing")
-    method = p.get("method", str, "bestfit", PACKERS)
+    method = p.get("method", str, "bfd-blocks", PACKERS)
     packing = PackingSpec(method=method, options={k: v for k, v in p.table.items() if k != "method"})
     p.used.update(p.table)
 

@@ -167,6 +167,37 @@ def test_larger_window_pads_less(seed, median, sigma):
     assert bfd_stats["rows"] >= bfd_stats["lower_bound_rows"]
 
 
+@pytest.mark.parametrize("block", [97, 1000, 5000])
+def test_bfd_blocks_is_bfd_inside_each_block(block):
+    rng = np.random.default_rng(block)
+    lengths = np.clip(np.round(rng.lognormal(np.log(60), 0.9, 2500)), 1, 257).astype(np.int64)
+    plan = pack(lengths, 257, "bfd-blocks", block=block, seed=3)
+    rows = rows_of(plan)
+    blocks = [{i // block for i in row} for row in rows]
+    assert all(len(b) == 1 for b in blocks)  # no row mixes blocks
+    seq = [b.pop() for b in blocks]
+    assert seq == sorted(seq)  # blocks keep the stream order
+    for b in sorted(set(seq)):  # inside a block: exactly best-fit-decreasing, rows in some shuffled order
+        start = b * block
+        mine = [tuple(i - start for i in row) for row, k in zip(rows, seq) if k == b]
+        assert sorted(mine) == sorted(tuple(r) for r in literal_bfd(lengths[start:start + block], 257))
+    assert pack(lengths, 257, "bfd-blocks", block=block, seed=3) == plan
+    assert pack(lengths, 257, "bfd-blocks", block=block, seed=4) != plan
+
+
+def test_bfd_blocks_pads_like_global_bfd_and_keeps_locality():
+    rng = np.random.default_rng(11)
+    lengths = np.clip(np.round(rng.lognormal(np.log(300), 1.0, 60_000)), 1, 2049).astype(np.int64)
+    blocks = pack(lengths, 2049, "bfd-blocks", block=16_384)
+    whole = pack(lengths, 2049, "bfd-shuffle")
+    window = pack(lengths, 2049, "bestfit", window=10_000)
+    pad = lambda p: plan_stats(p, lengths, 2049)["pad_tokens"]  # noqa: E731
+    n_blocks = -(-len(lengths) // 16_384)
+    assert pad(blocks) < pad(window) and pad(blocks) <= pad(whole) + n_blocks * 2049  # ~ a row's tail per block
+    displacement = lambda p: np.abs(p.doc_order - np.arange(len(lengths))).mean()  # noqa: E731
+    assert displacement(blocks) < 16_384 < displacement(whole)
+
+
 def test_default_window():
     assert default_window(0) == 100 and default_window(20_000) == 200 and default_window(10**8) == 10_000
     rng = np.random.default_rng(5)

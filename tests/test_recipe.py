@@ -48,7 +48,7 @@ def test_shipped_recipes_load():
 def test_defaults_and_plain_dict():
     r = parse_recipe(BASE)
     assert (r.mask_policy, r.overlong, r.bad_rows, r.mixture_seed, r.packing.method) == (
-        "assistant", "truncate", "fail", 42, "bestfit")
+        "assistant", "truncate", "fail", 42, "bfd-blocks")
     d = r.to_dict()
     assert d["train"][0]["repeat"] == 2 and d["val"][0]["stop"] == 10
     with pytest.raises(AttributeError):  # frozen

@@ -72,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--chatcore-every", type=int, default=200)
     a("--chatcore-max-cat", type=int, default=-1)
     a("--chatcore-max-sample", type=int, default=24)
+    a("--chatcore-max-tokens", type=int, default=512, help="max new tokens per generative ChatCORE problem")
     # nanosft
     a("--init", choices=["auto", "base", "scratch"], default="auto",
       help="auto: the base checkpoint if one exists, else from scratch for the demo snapshot")
@@ -309,7 +310,8 @@ def train(args) -> int:
         model.eval()
         with torch.no_grad():
             res = chatcore(model, tok, base_dir(args.data_dir), max_cat=args.chatcore_max_cat,
-                           max_sample=args.chatcore_max_sample, batch_size=B)
+                           max_sample=args.chatcore_max_sample, batch_size=B,
+                           max_tokens=args.chatcore_max_tokens)
         model.train()
         print0(f"step {step:05d} | chatcore {json.dumps(res)}")
         log({"step": step, **{f"chatcore/{k}": v for k, v in res.items() if isinstance(v, (int, float))}})
