@@ -6,7 +6,7 @@ Both sides run in one invocation on the same conversations and the same tokenize
 - baseline: nanochat's `render_conversation` (reference §2.2: Python loops, `encode` per text, list appends,
   deep copy for the system merge) and the online best-fit loop of `sft_data_generator_bos_bestfit` (§4.2-4.3:
   a list buffer of 100, scan for the longest fitting, pop, pad), world size 1, transcribed below;
-- pipeline: `pipeline.render.render_conversation`, `pipeline.cache.render_task` (1 and 2 workers),
+- pipeline: `pipeline.render.render_conversation`, `pipeline.cache.RenderPool` (1 and 2 workers),
   `pipeline.pack.pack` and `pipeline.prepare.materialize`.
 Every heavy phase runs in its own subprocess so its peak RSS (ru_maxrss) is its own.
 
@@ -330,20 +330,23 @@ def conversation_texts(convs) -> list[str]:
 
 
 def phase_cache(cfg: dict, workers: int) -> dict:
-    """pipeline.cache.render_task for every task into a fresh cache: the parallel render as prepare runs it."""
-    from pipeline.cache import render_task
+    """pipeline.cache.RenderPool over every task into a fresh cache: the parallel render as prepare runs it."""
+    from pipeline.cache import RenderPool
+    from pipeline.tokenizer import load_tokenizer
     root = Path(cfg["work"]) / f"cache-w{workers}"
     shutil.rmtree(root, ignore_errors=True)
     out = {"tasks": []}
     lengths = {}
     t_all = time.perf_counter()
-    for spec, task, t in zip(task_specs(cfg), load_tasks(cfg), cfg["tasks"]):
-        t0 = time.perf_counter()
-        r = render_task(spec, len(task), Path(cfg["data_dir"]), Path(cfg["tokenizer"]), f"bench-{spec.name}",
-                        root, workers)
-        secs = time.perf_counter() - t0
-        lengths[spec.name] = np.asarray(r.lengths)
-        out["tasks"].append({"name": spec.name, "convs": len(task), "tokens": int(r.lengths.sum()), "secs": secs})
+    tasks = load_tasks(cfg)
+    with RenderPool(tasks, load_tokenizer(cfg["tokenizer"]), workers) as pool:
+        for i, (spec, task) in enumerate(zip(task_specs(cfg), tasks)):
+            t0 = time.perf_counter()
+            r = pool.render(i, f"bench-{spec.name}", root)
+            secs = time.perf_counter() - t0
+            lengths[spec.name] = np.asarray(r.lengths)
+            out["tasks"].append({"name": spec.name, "convs": len(task), "tokens": int(r.lengths.sum()),
+                                 "secs": secs})
     out["secs"] = time.perf_counter() - t_all
     np.savez(Path(cfg["work"]) / "lengths.npz", **lengths)
     if workers == 1:
@@ -489,7 +492,7 @@ def phase_e2e(cfg: dict, which: str) -> dict:
                                                tok.bos_id) for r in batch]
         out.update(secs=time.perf_counter() - t0, rows=len(lens), tokens=int(sum(lens)), convs=len(mix))
     else:
-        from pipeline.cache import render_task
+        from pipeline.cache import RenderPool
         from pipeline.pack import pack
         from pipeline.prepare import SplitDocs, materialize
         from pipeline.shard_format import token_dtype
@@ -497,9 +500,9 @@ def phase_e2e(cfg: dict, which: str) -> dict:
         shutil.rmtree(root, ignore_errors=True)
         t0 = time.perf_counter()
         rendered = {}
-        for i, (spec, task) in enumerate(zip(task_specs(cfg), tasks)):
-            rendered[i] = render_task(spec, len(task), Path(cfg["data_dir"]), Path(cfg["tokenizer"]),
-                                      f"bench-{spec.name}", root, 2)
+        with RenderPool(tasks, tok, 2) as pool:
+            for i, spec in enumerate(task_specs(cfg)):
+                rendered[i] = pool.render(i, f"bench-{spec.name}", root)
         t1 = time.perf_counter()
         local = order[:, 1]
         length = np.empty(len(order), dtype=np.int64)
@@ -774,8 +777,8 @@ def report(cfg: dict, res: dict, mixes: dict, elapsed: float) -> str:
 
     # --- cache render
     c1, c2 = res["cache-w1"], res["cache-w2"]
-    p("2. PARALLEL CACHE RENDER: pipeline.cache.render_task per task into a fresh cache (build task, read rows, "
-      f"render, write arrays; a process pool per task when workers > 1), best of {cfg['repeats']}")
+    p("2. PARALLEL CACHE RENDER: pipeline.cache.RenderPool per task into a fresh cache (build task, read rows, "
+      f"render, write arrays; one forked pool for all tasks when workers > 1), best of {cfg['repeats']}")
     rows = []
     for a, b, q in zip(c1["tasks"], c2["tasks"], rr["tasks"]):
         rows.append([a["name"], a["convs"], a["tokens"], q["read_secs"], q["pipeline_secs"], a["secs"],

@@ -2,7 +2,7 @@
 
 The key hashes the task's definition, its input files, the tokenizer and the template
 version, so changing the mixture (repeats, order), the packer or `max_seq_len` never
-re-tokenizes. Rows are split into fixed chunks rendered by a process pool and
+re-tokenizes. Rows are split into fixed chunks rendered by one pool of forked processes and
 concatenated in chunk order: the bytes are identical for any number of workers.
 The cache holds the nanochat `assistant` mask and untruncated conversations; mask
 policy and truncation are applied when rows are materialized.
@@ -26,10 +26,9 @@ from pipeline.manifest import canonical_json
 from pipeline.recipe import TaskSpec
 from pipeline.render import TEMPLATE_VERSION, render_conversation
 from pipeline.shard_format import token_dtype
-from pipeline.tasks import build_task
-from pipeline.tokenizer import load_tokenizer
+from pipeline.tokenizer import ChatTokenizer
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 CHUNK = 1024  # conversations per work unit: small enough to balance, large enough to amortise IPC
 MAX_ERRORS_KEPT = 20
 
@@ -63,23 +62,21 @@ def cache_key(spec: TaskSpec, input_hashes: list[str], tokenizer_fingerprint: st
 
 
 # ----------------------------------------------------------------------------- worker side
+# Set in the parent before the pool forks: workers inherit the built tasks (rows already in memory) and the
+# tokenizer instead of re-reading every source, which would cost more than the rendering it parallelises.
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(spec: TaskSpec, data_dir: str, tokenizer_path: str) -> None:
-    _worker["task"] = build_task(spec, Path(data_dir))
-    _worker["tok"] = load_tokenizer(Path(tokenizer_path))
-
-
-def _render_chunk(bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, dict]]]:
-    """Render conversations [a, b): (tokens, mask, lengths, [(index, error fields)])."""
-    task, tok = _worker["task"], _worker["tok"]
+def _render_chunk(job: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, dict]]]:
+    """Render conversations [a, b) of task t: (tokens, mask, lengths, [(index, error fields)])."""
+    t, a, b = job
+    task, tok = _worker["tasks"][t], _worker["tok"]
     dtype = token_dtype(tok.vocab_size)
     ids_all: list[int] = []
     mask_all: list[int] = []
-    lengths = np.zeros(bounds[1] - bounds[0], dtype=np.int64)
+    lengths = np.zeros(b - a, dtype=np.int64)
     errors = []
-    for j, i in enumerate(range(*bounds)):
+    for j, i in enumerate(range(a, b)):
         try:
             ids, mask = render_conversation(task[i], tok, "assistant")
         except DataError as e:
@@ -100,43 +97,74 @@ def _render_chunk(bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.n
 
 def load_rendered(path: Path) -> RenderedTask:
     info = json.loads((path / "info.json").read_text())
+    offsets = np.load(path / "offsets.npy")
+    count = int(offsets[-1])
     return RenderedTask(
-        tokens=np.load(path / "tokens.npy", mmap_mode="r"),
-        mask=np.load(path / "mask.npy", mmap_mode="r"),
-        offsets=np.load(path / "offsets.npy"),
+        tokens=_open_raw(path / "tokens.bin", np.dtype(info["token_dtype"]), count),
+        mask=_open_raw(path / "mask.bin", np.dtype(np.uint8), count),
+        offsets=offsets,
         bad=np.load(path / "bad.npy"),
         errors=info["errors"],
     )
 
 
-def render_task(spec: TaskSpec, n: int, data_dir: Path, tokenizer_path: Path, key: str, cache_root: Path,
-                workers: int) -> RenderedTask:
-    """Render the task's n conversations into `cache_root/key`, or reuse that folder if it exists."""
-    final = cache_root / key
-    if (final / "info.json").is_file():
-        return load_rendered(final)
-    cache_root.mkdir(parents=True, exist_ok=True)
-    for stale in cache_root.glob(f".{key}.tmp-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = cache_root / f".{key}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    chunks = [(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
-    lengths = np.zeros(n, dtype=np.int64)
-    bad = np.zeros(n, dtype=bool)
-    errors: list[dict[str, Any]] = []
-    args = (spec, str(data_dir), str(tokenizer_path))
-    try:
-        with open(tmp / "tokens.bin", "wb") as ft, open(tmp / "mask.bin", "wb") as fm:
-            bar = tqdm(total=n, desc=f"render {spec.name}", unit="conv", leave=False, disable=None)
-            if workers <= 1 or len(chunks) <= 1:
-                _init_worker(*args)
-                results = map(_render_chunk, chunks)
-                pool = None
-            else:
-                pool = mp.get_context("spawn").Pool(min(workers, len(chunks)), _init_worker, args)
-                results = pool.imap(_render_chunk, chunks)  # imap keeps chunk order: identical bytes
-            try:
-                for (a, b), (ids, mask, lens, errs) in zip(chunks, results):
+def _open_raw(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
+    if count == 0:  # np.memmap refuses empty files
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+
+
+class RenderPool:
+    """Renders tasks into the cache; chunks of every task share one pool of forked worker processes.
+
+    The pool starts on the first task with more than one chunk (small tasks render in-process) and
+    `imap` returns chunks in order, so the bytes do not depend on the number of workers.
+    """
+
+    def __init__(self, tasks: list, tok: ChatTokenizer, workers: int):
+        self.tasks, self.tok, self.workers = tasks, tok, workers
+        self._pool = None
+
+    def __enter__(self) -> "RenderPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool = None
+
+    def _map(self, jobs: list[tuple[int, int, int]]):
+        _worker.update(tasks=self.tasks, tok=self.tok)
+        parallel = self.workers > 1 and len(jobs) > 1 and "fork" in mp.get_all_start_methods()
+        if not parallel:
+            return map(_render_chunk, jobs)
+        if self._pool is None:
+            self._pool = mp.get_context("fork").Pool(self.workers)
+        return self._pool.imap(_render_chunk, jobs)
+
+    def render(self, t: int, key: str, cache_root: Path) -> RenderedTask:
+        """Task t's conversations, from `cache_root/key` if present, else rendered and stored there."""
+        final = cache_root / key
+        if (final / "info.json").is_file():
+            return load_rendered(final)
+        task = self.tasks[t]
+        n = len(task)
+        cache_root.mkdir(parents=True, exist_ok=True)
+        for stale in cache_root.glob(f".{key}.tmp-*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = cache_root / f".{key}.tmp-{os.getpid()}"
+        tmp.mkdir()
+        jobs = [(t, a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
+        lengths = np.zeros(n, dtype=np.int64)
+        bad = np.zeros(n, dtype=bool)
+        errors: list[dict[str, Any]] = []
+        try:
+            with open(tmp / "tokens.bin", "wb") as ft, open(tmp / "mask.bin", "wb") as fm, \
+                    tqdm(total=n, desc=f"render {task.name}", unit="conv", leave=False, disable=None) as bar:
+                for (_, a, b), (ids, mask, lens, errs) in zip(jobs, self._map(jobs)):
                     ids.tofile(ft)
                     mask.tofile(fm)
                     lengths[a:b] = lens
@@ -145,29 +173,12 @@ def render_task(spec: TaskSpec, n: int, data_dir: Path, tokenizer_path: Path, ke
                         if len(errors) < MAX_ERRORS_KEPT:
                             errors.append({"index": i, **err})
                     bar.update(b - a)
-            finally:
-                bar.close()
-                if pool is not None:
-                    pool.terminate()
-        dtype = token_dtype(load_tokenizer(tokenizer_path).vocab_size)
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        _bin_to_npy(tmp / "tokens.bin", tmp / "tokens.npy", dtype, int(offsets[-1]))
-        _bin_to_npy(tmp / "mask.bin", tmp / "mask.npy", np.dtype(np.uint8), int(offsets[-1]))
-        np.save(tmp / "offsets.npy", offsets)
-        np.save(tmp / "bad.npy", bad)
-        (tmp / "info.json").write_text(json.dumps({"task": spec.name, "n": n, "bad": int(bad.sum()),
-                                                   "errors": errors}, indent=1))
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return load_rendered(final)
-
-
-def _bin_to_npy(src: Path, dst: Path, dtype: np.dtype, count: int) -> None:
-    """Give a raw array file an .npy header without loading it into memory."""
-    out = np.lib.format.open_memmap(dst, mode="w+", dtype=dtype, shape=(count,))
-    src_arr = np.fromfile(src, dtype=dtype, count=count)
-    out[:] = src_arr
-    out.flush()
-    del out
-    src.unlink()
+            np.save(tmp / "offsets.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+            np.save(tmp / "bad.npy", bad)
+            (tmp / "info.json").write_text(json.dumps({
+                "task": task.name, "n": n, "bad": int(bad.sum()), "errors": errors,
+                "token_dtype": token_dtype(self.tok.vocab_size).str}, indent=1))
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return load_rendered(final)

@@ -21,7 +21,7 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from pipeline.cache import RenderedTask, cache_key, render_task
+from pipeline.cache import RenderedTask, RenderPool, cache_key
 from pipeline.errors import DataError, SnapshotError
 from pipeline.manifest import (MANIFEST_NAME, SPLITS, TOKENIZER_NAME, compare_lock, content_sha256, load_manifest,
                                lock_entry, lock_path, sha256_file, snapshot_id, verify_snapshot, write_json_atomic)
@@ -286,18 +286,19 @@ def prepare(recipe_file: Path, data_dir: Path, workers: int, update_lock: bool =
     counts: dict[int, dict[str, int]] = {}
     errors: list[str] = []
     cache_root = data_dir / "cache" / "render"
-    for i, ((split, spec), task) in enumerate(zip(table, tasks)):
-        hashes = sorted(content_by_path[str(Path(p).resolve())] for p in task.inputs())
-        key = cache_key(spec, hashes, tok.fingerprint)
-        rendered[i] = render_task(spec, len(task), data_dir, tok_path, key, cache_root, workers)
-        counts[i] = {"conversations": 0, "bad": 0, "truncated": 0, "dropped_long": 0, "dropped_unsupervised": 0}
-        bad = rendered[i].errors
-        if bad and recipe.bad_rows == "fail":
-            first = bad[0]
-            raise DataError(f"{first['reason']} (bad_rows = 'fail'; {int(rendered[i].bad.sum())} bad row(s) in "
-                            "this task; set bad_rows = 'skip' in the recipe to skip and count them)",
-                            file=first["file"], row=first["row"], field=first["field"], task=first["task"])
-        errors.extend(e["message"] for e in bad)
+    with RenderPool(tasks, tok, workers) as renderer:
+        for i, ((split, spec), task) in enumerate(zip(table, tasks)):
+            hashes = sorted(content_by_path[str(Path(p).resolve())] for p in task.inputs())
+            rendered[i] = renderer.render(i, cache_key(spec, hashes, tok.fingerprint), cache_root)
+            counts[i] = {"conversations": 0, "bad": 0, "truncated": 0, "dropped_long": 0,
+                         "dropped_unsupervised": 0}
+            bad = rendered[i].errors
+            if bad and recipe.bad_rows == "fail":
+                first = bad[0]
+                raise DataError(f"{first['reason']} (bad_rows = 'fail'; {int(rendered[i].bad.sum())} bad row(s) "
+                                "in this task; set bad_rows = 'skip' in the recipe to skip and count them)",
+                                file=first["file"], row=first["row"], field=first["field"], task=first["task"])
+            errors.extend(e["message"] for e in bad)
 
     # pack and write each split into a temporary folder; rename it into place last
     snapshots.mkdir(parents=True, exist_ok=True)
