@@ -272,7 +272,7 @@ def train(args) -> int:
     step_model = torch.compile(model, dynamic=False) if use_compile else model
     flops_per_token = model.estimate_flops()
     peak = get_peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else float("inf")
-    token_bytes = torch.from_numpy(tok.token_bytes()).to(device)
+    token_bytes = tok.token_bytes()  # numpy: evaluate_bpb moves it to the model's device
     eval_steps = max(1, min(args.eval_tokens // (B * T * world), val_rows.num_rows // (B * world)))
     if val_rows.num_rows < B * world:
         raise TrainError(f"val split has {val_rows.num_rows} rows, fewer than one batch ({B} x {world})")
