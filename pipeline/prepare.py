@@ -185,6 +185,26 @@ def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) + shifts
 
 
+def write_split(folder: Path, split: str, recipe: Recipe, tok: ChatTokenizer, docs: SplitDocs, plan: PackPlan,
+                rendered: dict[int, RenderedTask], sup_by_task: np.ndarray) -> list[dict[str, Any]]:
+    """Materialise and write the split's shards; returns their manifest entries and adds to sup_by_task."""
+    n_shards = max(1, -(-plan.n_rows // recipe.rows_per_shard))
+    meta = ShardMeta(max_seq_len=recipe.max_seq_len, bos_id=tok.bos_id, vocab_size=tok.vocab_size,
+                     tokenizer_fingerprint=tok.fingerprint, split=split)
+    dtype = token_dtype(tok.vocab_size)
+    entries = []
+    for s in tqdm(range(n_shards), desc=f"write {split}", unit="shard", leave=False, disable=None):
+        r0, r1 = s * recipe.rows_per_shard, min((s + 1) * recipe.rows_per_shard, plan.n_rows)
+        rows = materialize(docs, plan, r0, r1, rendered, recipe.row_capacity, tok.bos_id, dtype, recipe.mask_policy)
+        name = shard_filename(split, s, n_shards)
+        nbytes = write_shard(folder / name, rows, meta)
+        np.add.at(sup_by_task, rows.doc_tasks.astype(np.int64), doc_supervised(rows))
+        entries.append({"file": name, "split": split, "rows": r1 - r0, "bytes": nbytes,
+                        "tokens": int(rows.doc_lens.sum()), "supervised": int(rows.n_supervised.sum()),
+                        "sha256": sha256_file(folder / name)})
+    return entries
+
+
 # ----------------------------------------------------------------------------- report
 
 def summarize(name: str, plan: PackPlan, docs: SplitDocs, rows_sup: int, row_len: int) -> dict[str, Any]:
@@ -202,13 +222,13 @@ def summarize(name: str, plan: PackPlan, docs: SplitDocs, rows_sup: int, row_len
 
 
 def task_stats(table: list[tuple[str, TaskSpec]], counts: dict[int, dict[str, int]],
-               docs_by_split: dict[str, SplitDocs], sup_by_task: dict[int, int]) -> pl.DataFrame:
+               docs_by_split: dict[str, SplitDocs], sup_by_task: np.ndarray) -> pl.DataFrame:
     frames = []
     for split, docs in docs_by_split.items():
         frames.append(pl.DataFrame({"task": docs.task, "tokens": docs.length}))
     packed = (pl.concat(frames).group_by("task").agg(pl.len().alias("packed"), pl.col("tokens").sum())
               if frames else pl.DataFrame({"task": [], "packed": [], "tokens": []}))
-    base = pl.DataFrame([{"task": i, "split": sp, "name": s.name, **counts[i], "supervised": sup_by_task.get(i, 0)}
+    base = pl.DataFrame([{"task": i, "split": sp, "name": s.name, **counts[i], "supervised": int(sup_by_task[i])}
                          for i, (sp, s) in enumerate(table)])
     out = base.join(packed, on="task", how="left").fill_null(0)
     return out.with_columns((pl.col("supervised") / pl.col("tokens").clip(lower_bound=1)).alias("supervised_frac"))
@@ -308,37 +328,18 @@ def prepare(recipe_file: Path, data_dir: Path, workers: int, update_lock: bool =
     tmp.mkdir()
     try:
         shutil.copyfile(tok_path, tmp / TOKENIZER_NAME)  # a snapshot carries its tokenizer: self-contained
-        dtype = token_dtype(tok.vocab_size)
         shard_entries, split_summaries, docs_by_split = [], [], {}
-        sup_by_task: dict[int, int] = {}
+        sup_by_task = np.zeros(len(table), dtype=np.int64)
         for split in SPLITS:
             docs = split_docs(recipe, split, table, rendered, counts)
             if len(docs.length) == 0:
                 raise DataError(f"the {split} split has no conversation left to pack", task=split)
             docs_by_split[split] = docs
-            opts = dict(recipe.packing.options)
-            plan = pack(docs.length, recipe.row_capacity, recipe.packing.method, **opts)
-            n_shards = max(1, -(-plan.n_rows // recipe.rows_per_shard))
-            meta = ShardMeta(max_seq_len=recipe.max_seq_len, bos_id=tok.bos_id, vocab_size=tok.vocab_size,
-                             tokenizer_fingerprint=tok.fingerprint, split=split)
-            split_sup = 0
-            for s in tqdm(range(n_shards), desc=f"write {split}", unit="shard", leave=False, disable=None):
-                r0, r1 = s * recipe.rows_per_shard, min((s + 1) * recipe.rows_per_shard, plan.n_rows)
-                rows = materialize(docs, plan, r0, r1, rendered, recipe.row_capacity, tok.bos_id, dtype,
-                                   recipe.mask_policy)
-                name = shard_filename(split, s, n_shards)
-                nbytes = write_shard(tmp / name, rows, meta)
-                sup = int(rows.n_supervised.sum())
-                split_sup += sup
-                np.add.at(sup_arr := np.zeros(len(table), dtype=np.int64), rows.doc_tasks.astype(np.int64),
-                          doc_supervised(rows))
-                for t in np.nonzero(sup_arr)[0]:
-                    sup_by_task[int(t)] = sup_by_task.get(int(t), 0) + int(sup_arr[t])
-                shard_entries.append({"file": name, "split": split, "rows": r1 - r0, "bytes": nbytes,
-                                      "tokens": int(rows.doc_lens.sum()), "supervised": sup,
-                                      "sha256": sha256_file(tmp / name)})
-            split_summaries.append(summarize(split, plan, docs, split_sup, recipe.row_capacity))
-
+            plan = pack(docs.length, recipe.row_capacity, recipe.packing.method, **recipe.packing.options)
+            entries = write_split(tmp, split, recipe, tok, docs, plan, rendered, sup_by_task)
+            shard_entries += entries
+            split_summaries.append(summarize(split, plan, docs, sum(e["supervised"] for e in entries),
+                                             recipe.row_capacity))
         stats = task_stats(table, counts, docs_by_split, sup_by_task)
         manifest = {
             "format_version": FORMAT_VERSION,
