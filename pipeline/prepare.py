@@ -12,6 +12,7 @@ import argparse
 import os
 import shutil
 import sys
+import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,11 +83,16 @@ def task_table(recipe: Recipe) -> list[tuple[str, TaskSpec]]:
 
 
 def describe_input(path: Path, data_dir: Path) -> dict[str, Any]:
+    """An input file for the manifest: a portable name (relative to the data dir or to site-packages),
+    its size, its byte hash and its content hash (the one the snapshot id uses)."""
     path = Path(path)
-    try:
-        shown = str(path.resolve().relative_to(data_dir.resolve()))
-    except ValueError:
-        shown = str(path)
+    shown = str(path)
+    for root, prefix in ((data_dir, ""), (Path(sysconfig.get_paths()["purelib"]), "site-packages/")):
+        try:
+            shown = prefix + str(path.resolve().relative_to(Path(root).resolve()))
+            break
+        except ValueError:
+            continue
     return {"path": shown, "bytes": path.stat().st_size, "sha256": sha256_file(path),
             "content_sha256": content_sha256(path)}
 
@@ -283,7 +289,8 @@ def prepare(recipe_file: Path, data_dir: Path, workers: int, update_lock: bool =
     input_desc = sorted(described.values(), key=lambda d: d["path"])
     identity = {
         "format_version": FORMAT_VERSION, "template_version": TEMPLATE_VERSION, "pack_version": PACK_VERSION,
-        "recipe": recipe.to_dict(), "inputs": [(d["path"], d["content_sha256"]) for d in input_desc],
+        "recipe": recipe.to_dict(), "inputs": sorted(d["content_sha256"] for d in input_desc),  # not paths: where
+        # a file lives (data dir, virtualenv) does not change the bytes; which files a task reads is in the recipe
         "tokenizer": tok.fingerprint,
     }
     sid = snapshot_id(identity)

@@ -262,6 +262,13 @@ def test_workers_do_not_change_the_bytes(base, tmp_path, monkeypatch):
     assert file_hashes(snap) == base.hashes
 
 
+def test_manifest_names_inputs_portably(base):
+    """Input paths are relative (data dir or site-packages): the id must not depend on where files live."""
+    paths = [d["path"] for d in base.manifest["inputs"]]
+    assert paths and not any(p.startswith("/") for p in paths), paths
+    assert any(p.startswith("site-packages/english_words/") for p in paths)  # the default word list
+
+
 def test_rebuild_is_byte_identical_and_a_finished_snapshot_is_kept(base, tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r")
     data = tmp_path / "data"

@@ -281,7 +281,8 @@ def train(args) -> int:
     if args.run != "dummy" and master:
         import wandb  # only when a run is named
         wandb_run = wandb.init(project="nanosft", name=args.run, config=vars(args) | {"snapshot": str(snapshot)})
-    out_dir.mkdir(parents=True, exist_ok=True) if master else None
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
     kept = rewrite_metrics(out_dir / "metrics.jsonl", start_step if args.resume else 0) if master else []
     metrics_file = open(out_dir / "metrics.jsonl", "a") if master else None
 
