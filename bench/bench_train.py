@@ -131,8 +131,6 @@ def bench_config(name: str, reader: SplitReader, args, device) -> dict:
            "ratio": dt_loader / dt_res, "tok_s": tokens / dt_loader, "mfu": 100 * flops * tokens / dt_loader / peak,
            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
            "spread_loader": (max(a) - min(a)) / dt_loader}
-    del model, opt, step_model
-    torch.cuda.empty_cache()
     return res
 
 
@@ -158,6 +156,7 @@ def main() -> int:
         for name in args.configs.split(","):
             try:
                 r = bench_config(name, reader, args, device)
+                torch.cuda.empty_cache()  # the config's model and optimizer are gone with its frame
             except torch.OutOfMemoryError:
                 print(f"{name}: out of memory at batch {args.batch}")
                 torch.cuda.empty_cache()
@@ -165,7 +164,7 @@ def main() -> int:
             results.append(r)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
     print()
-    print(f"| config | params | B×T | step ms (loader) | step ms (resident) | ratio | tok/s | MFU % | peak GiB | compile s |")
+    print("| config | params | B×T | step ms (loader) | step ms (resident) | ratio | tok/s | MFU % | peak GiB | compile s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['config']} | {r['params'] / 1e6:.0f}M | {r['B']}×{r['T']} | {r['ms_loader']:.1f} | "

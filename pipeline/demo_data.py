@@ -256,7 +256,7 @@ def _gsm_ages(r: random.Random, s: _Solution) -> str:
     (a, _, _), (b, _, _) = r.sample(NAMES, 2)
     age_b, diff, years = r.randint(4, 40), r.randint(1, 30), r.randint(2, 15)
     s.step(f"{a} is", f"{age_b}+{diff}", " years old now.")
-    s.step(f"Together they are now", f"{s.last}+{age_b}", " years old.")
+    s.step("Together they are now", f"{s.last}+{age_b}", " years old.")
     s.step(f"In {years} years their ages add up to", f"{s.last}+2*{years}", ".")
     return (f"{a} is {diff} years older than {b}. {b} is {age_b} years old. What will the sum of their ages "
             f"be in {years} years?")

@@ -270,7 +270,7 @@ def prepare(recipe_file: Path, data_dir: Path, workers: int, update_lock: bool =
 
     demo_texts = None
     if recipe.demo is not None:
-        from pipeline.demo_data import DEMO_SOURCES_VERSION, demo_tokenizer_texts, write_demo_sources
+        from pipeline.demo_data import demo_tokenizer_texts, write_demo_sources
         write_demo_sources(data_dir, seed=recipe.demo.seed, sizes=dict(recipe.demo.sizes) or None)
         demo_texts = lambda: demo_tokenizer_texts(data_dir)  # noqa: E731
     elif recipe.tokenizer.source == "train":

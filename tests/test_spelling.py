@@ -5,7 +5,6 @@ agreement shows the tasks are byte-identical to nanochat's for the same word lis
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 

@@ -15,6 +15,7 @@ import gc
 import json
 import math
 import os
+import resource
 import sys
 import time
 from dataclasses import asdict
@@ -29,7 +30,7 @@ from pipeline.shard_format import SplitReader
 from pipeline.tokenizer import load_tokenizer
 from trainer.checkpoint import (PHASE_DIRS, CheckpointError, base_dir, build_model, find_last_step, find_model_tag,
                                 load_meta, load_model_state, load_optim_state, save_checkpoint)
-from trainer.common import autodetect_device, compute_dtype, dist_info, get_peak_flops, print0
+from trainer.common import autodetect_device, dist_info, get_peak_flops, print0
 from trainer.config import GPTConfig
 from trainer.data import RowSchedule, StepBatch, StepLoader, val_batches
 from trainer.model import GPT
@@ -395,10 +396,11 @@ def train(args) -> int:
             plot_losses(losses, out_dir / "loss.png")
         except ImportError:
             pass
-        peak_mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+        peak_mem = (f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda"
+                    else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (host RSS)")
         best = loop["best_val_bpb"]
         print0(f"done: {done - start_step} steps, {(done - start_step) * total:,} tokens, peak memory "
-               f"{peak_mem:.2f} GiB, {loop['total_time']:.1f}s training, best val bpb "
+               f"{peak_mem}, {loop['total_time']:.1f}s training, best val bpb "
                f"{'n/a' if best is None else f'{best:.4f}'}; checkpoint in {out_dir}")
     if wandb_run is not None:
         wandb_run.finish()
