@@ -33,7 +33,8 @@ prepare-data: $(STAMP)
 verify-data: $(STAMP)
 	$(BIN)/python -m pipeline.verify $(SNAPSHOT) --recipe $(RECIPE) --data-dir $(DATA_DIR)
 
-# The demo trains a small model on the CPU: ChatCORE's generative tasks (no KV cache) get a small budget there.
+# The demo trains a small model on the CPU: ChatCORE's generative tasks get a small budget there (24 problems x 512
+# tokens each, nanochat's default, take about a minute per evaluation on 2 cores).
 DEMO_TRAIN_ARGS := --chatcore-max-sample 8 --chatcore-max-tokens 64
 train: $(STAMP)
 	$(BIN)/python -m trainer.train $(if $(SNAPSHOT),--snapshot $(SNAPSHOT),--recipe $(RECIPE) --data-dir $(DATA_DIR)) \

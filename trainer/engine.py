@@ -1,9 +1,8 @@
 """Generation with nanochat's calculator tool (reference §9.3).
 
-`Engine.generate` re-runs the full forward over the whole context at every step: there is no KV cache
-(the model has none to offer), so a step costs a prefill. That is fine for ChatCORE's few dozen greedy
-problems and keeps the engine independent of the model's internals. The context is cropped from the
-left to `model.config.sequence_len` tokens.
+`Engine.generate` prefills the prompt into the model's KV cache (`model.new_kv_cache`) and then feeds
+one token per step. A model without a cache (e.g. a stand-in in tests) gets the plain fallback: the full
+forward over the context, cropped from the left to `model.config.sequence_len`, at every step.
 
 Tool use follows nanochat: the tokens between `<|python_start|>` and `<|python_end|>` are decoded and
 handed to `calculator`; when it returns a value, `<|output_start|>`, the value's tokens and
@@ -98,7 +97,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
 
 
 class Engine:
-    """Greedy / top-k generation for one prompt, with the calculator tool. No KV cache (see module doc)."""
+    """Greedy / top-k generation for one prompt, with the calculator tool (KV cache when the model has one)."""
 
     def __init__(self, model, tok):
         self.model = model
@@ -126,17 +125,26 @@ class Engine:
         out: list[int] = []
         forced: list[int] = []
         in_python, expr_tokens = False, []
-        for _ in range(max_tokens):
-            if forced:  # the model's sample would be discarded: skip the forward
+        cache = None
+        if hasattr(self.model, "new_kv_cache"):
+            limit = self.model.cos.size(1)  # rotary positions available
+            ids = ids[-max(1, limit - max_tokens):]
+            cache = self.model.new_kv_cache(1, len(ids) + max_tokens)
+            logits = self.model(torch.tensor([ids], dtype=torch.long, device=device), kv_cache=cache)[0, -1]
+        for step in range(max_tokens):
+            if forced:  # the model's sample is discarded
                 token = forced.pop(0)
             else:
-                x = torch.tensor([ids[-context:]], dtype=torch.long, device=device)
-                logits = self.model(x)[0, -1].float()
-                token = sample_next(logits, temperature, top_k, generator)
+                if cache is None:
+                    x = torch.tensor([ids[-context:]], dtype=torch.long, device=device)
+                    logits = self.model(x)[0, -1]
+                token = sample_next(logits.float(), temperature, top_k, generator)
             if token == self.assistant_end or token == self.bos:
                 break
             ids.append(token)
             out.append(token)
+            if cache is not None and step + 1 < max_tokens:  # extend the cache with the chosen token
+                logits = self.model(torch.tensor([[token]], dtype=torch.long, device=device), kv_cache=cache)[0, -1]
             if token == self.python_start:
                 in_python, expr_tokens = True, []
             elif token == self.python_end and in_python:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -113,6 +114,28 @@ def attend(q, k, v, left: int, doc_ids=None, mask=None):
                                           enable_gqa=gqa)
 
 
+@dataclass
+class KVCache:
+    """Inference state: per layer, keys and values (B, Hkv, max_len, D) of the positions seen so far, and
+    the last position's pre-smear embedding (smear mixes each token with the one before it)."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    pos: int = 0
+    prev: torch.Tensor | None = None
+
+    def attend(self, layer: int, q, k, v, left: int):
+        """Store this step's k/v (B, Hkv, T, D) and attend q over every cached position in its window."""
+        T0, T = self.pos, q.size(2)
+        self.k[layer][:, :, T0:T0 + T] = k
+        self.v[layer][:, :, T0:T0 + T] = v
+        keys, values = self.k[layer][:, :, :T0 + T], self.v[layer][:, :, :T0 + T]
+        qpos = torch.arange(T0, T0 + T, device=q.device)[:, None]
+        gap = qpos - torch.arange(T0 + T, device=q.device)[None, :]
+        mask = (gap >= 0) & (gap <= left)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
@@ -124,7 +147,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(C, C)
         self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_value_embed(layer, config.n_layer) else None
 
-    def forward(self, x, ve, cos, sin, left, doc_ids, mask):
+    def forward(self, x, ve, cos, sin, left, doc_ids, mask, cache: tuple[KVCache, int] | None = None):
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -134,7 +157,10 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
-        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), left, doc_ids, mask)
+        if cache is not None:
+            y = cache[0].attend(cache[1], q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), left)
+        else:
+            y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), left, doc_ids, mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -154,8 +180,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.mlp = MoE(config) if config.num_experts > 0 else MLP(config)
 
-    def forward(self, x, ve, cos, sin, left, doc_ids, mask):
-        x = x + self.attn(norm(x), ve, cos, sin, left, doc_ids, mask)
+    def forward(self, x, ve, cos, sin, left, doc_ids, mask, cache=None):
+        x = x + self.attn(norm(x), ve, cos, sin, left, doc_ids, mask, cache)
         return x + self.mlp(norm(x))
 
 
@@ -220,22 +246,40 @@ class GPT(nn.Module):
             self.transformer.wte.to(self.dtype)
             self.value_embeds.to(self.dtype)
 
-    def forward(self, idx, targets=None, loss_reduction: str = "mean", doc_ids=None):
+    def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty cache for up to `max_len` positions (prompt + generated tokens)."""
+        if max_len > self.cos.size(1):
+            raise ValueError(f"{max_len} positions exceed the rotary cache of {self.cos.size(1)}")
+        c = self.config
+        shape = (batch, c.n_kv_head, max_len, c.n_embd // c.n_head)
+        device = self.transformer.wte.weight.device
+        return KVCache(k=[torch.empty(shape, dtype=self.dtype, device=device) for _ in range(c.n_layer)],
+                       v=[torch.empty(shape, dtype=self.dtype, device=device) for _ in range(c.n_layer)])
+
+    def forward(self, idx, targets=None, loss_reduction: str = "mean", doc_ids=None, kv_cache: KVCache | None = None):
         """idx (B, T) -> logits (B, T, V) fp32, or the loss (ignore_index=-1): a scalar for mean/sum,
-        per token (B*T,) for "none". doc_ids (B, T): tokens attend only within their own document."""
+        per token (B*T,) for "none". doc_ids (B, T): tokens attend only within their own document.
+        kv_cache (inference): idx continues the cached positions, and the cache is extended by T."""
         B, T = idx.shape
-        if T > self.cos.size(1):
-            raise ValueError(f"sequence of {T} tokens exceeds the rotary cache of {self.cos.size(1)}")
-        if doc_ids is not None and doc_ids.shape != idx.shape:
-            raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} != idx shape {tuple(idx.shape)}")
+        T0 = kv_cache.pos if kv_cache is not None else 0
+        if T0 + T > self.cos.size(1):
+            raise ValueError(f"sequence of {T0 + T} tokens exceeds the rotary cache of {self.cos.size(1)}")
+        if doc_ids is not None and (doc_ids.shape != idx.shape or kv_cache is not None):
+            raise ValueError(f"doc_ids must match idx {tuple(idx.shape)} and cannot be used with a kv cache")
         dt, V = self.dtype, self.config.vocab_size
-        cos, sin = self.cos[:, :T], self.sin[:, :T]
+        cos, sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
         x = norm(self.transformer.wte(idx).to(dt))
-        if T > 1:  # smear: mix the previous token's embedding in, gated by the current one
-            gate = self.smear_lambda.to(dt) * torch.sigmoid(self.smear_gate(x[:, 1:, :SMEAR_CHANNELS]))
+        prev = kv_cache.prev if kv_cache is not None and T0 > 0 else None
+        if kv_cache is not None:
+            kv_cache.prev = x[:, -1:]
+        src = x if prev is None else torch.cat([prev, x], dim=1)  # the token before each one, pre-smear
+        if src.size(1) > 1:  # smear: mix the previous token's embedding in, gated by the current one
+            cur, before = src[:, 1:], src[:, :-1]
+            gate = self.smear_lambda.to(dt) * torch.sigmoid(self.smear_gate(cur[..., :SMEAR_CHANNELS]))
             if doc_ids is not None:  # not across a document boundary
                 gate = gate * (doc_ids[:, 1:] == doc_ids[:, :-1]).unsqueeze(-1).to(dt)
-            x = torch.cat([x[:, :1], x[:, 1:] + gate * x[:, :-1]], dim=1)
+            mixed = cur + gate * before
+            x = mixed if prev is not None else torch.cat([x[:, :1], mixed], dim=1)
         x0, x_mid = x, None
         masks = None
         if idx.is_cuda and self.training:  # eval and generation vary T: SDPA avoids recompiling flex per length
@@ -244,9 +288,12 @@ class GPT(nn.Module):
             x = self.resid_lambdas[i].to(dt) * x + self.x0_lambdas[i].to(dt) * x0
             ve = self.value_embeds[str(i)](idx).to(dt) if str(i) in self.value_embeds else None
             left = self.windows[i]
-            x = block(x, ve, cos, sin, left, doc_ids, masks[left] if masks else None)
+            x = block(x, ve, cos, sin, left, doc_ids, masks[left] if masks else None,
+                      (kv_cache, i) if kv_cache is not None else None)
             if i == self.config.n_layer // 2:
                 x_mid = x
+        if kv_cache is not None:
+            kv_cache.pos += T
         x = norm(x - self.backout_lambda.to(dt) * x_mid)
         logits = self.lm_head(x)[..., :V].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
