@@ -387,7 +387,7 @@ def _package_versions() -> dict[str, str]:
 
 
 class LockMismatch(Exception):
-    pass
+    """A rebuilt snapshot whose id or shard hashes differ from the committed lock file."""
 
 
 def _check_lock(lock_file: Path, manifest: dict[str, Any], update: bool, out) -> None:

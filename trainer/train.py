@@ -35,6 +35,7 @@ from trainer.config import GPTConfig
 from trainer.data import RowSchedule, StepBatch, StepLoader, val_batches
 from trainer.model import GPT
 from trainer.optim import DistMuonAdamW, MuonAdamW, warm_start
+from trainer.plot import plot_losses
 from trainer.schedule import apply_schedule, lr_multiplier, muon_momentum
 
 
@@ -391,11 +392,7 @@ def train(args) -> int:
         save(done, val_bpb)
     if master:
         metrics_file.close()
-        try:
-            from trainer.plot import plot_losses
-            plot_losses(losses, out_dir / "loss.png")
-        except ImportError:
-            pass
+        plot_losses(losses, out_dir / "loss.png")
         peak_mem = (f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if device.type == "cuda"
                     else f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (host RSS)")
         best = loop["best_val_bpb"]

@@ -28,8 +28,8 @@ class CustomJSON(Task):
         self.conversations: list[list[dict] | DataError] = []  # a bad line keeps its error until it is read
         self.lines: list[int] = []
         for lineno, messages in jsonl_lines(self.path):
-            if isinstance(messages, DataError):
-                pass
+            if isinstance(messages, DataError):  # not JSON: raised when the row is read
+                ...
             elif not isinstance(messages, list):
                 messages = DataError(f"line {lineno} (1-based) must be a JSON array of messages, got "
                                      f"{type(messages).__name__}", file=self.path, row=lineno, task=name)
