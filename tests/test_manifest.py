@@ -21,23 +21,14 @@ from pipeline.manifest import (compare_lock, latest_snapshot, load_manifest, loc
 from pipeline.prepare import prepare
 from pipeline.shard_format import ShardReader, ShardRows, write_shard
 from pipeline.tokenizer import load_tokenizer
+from tests.recipes import write_recipe
 
 importer = importlib.import_module("pipeline.import")  # `import` is a keyword
 import_snapshot = importer.import_snapshot
 
-RECIPE = """
-name = "tiny"
-max_seq_len = 256
-rows_per_shard = 32
-
-[tokenizer]
-source = "train"
-vocab_size = 512
-
-[demo]
-seed = 0
-sizes = {smoltalk_train=60, smoltalk_test=20, mmlu_auxiliary_train=20, mmlu_test=20, gsm8k_train=40, gsm8k_test=20, identity=10}
-
+TINY_SIZES = ("{smoltalk_train=60, smoltalk_test=20, mmlu_auxiliary_train=20, mmlu_test=20, gsm8k_train=40, "
+              "gsm8k_test=20, identity=10}")
+TINY_TRAIN = """
 [[train]]
 kind = "smoltalk"
 params = { split = "train" }
@@ -49,7 +40,8 @@ params = { split = "train" }
 [[train]]
 kind = "simplespelling"
 params = { size = 100, split = "train" }
-
+"""
+TINY_VAL = """
 [[val]]
 kind = "gsm8k"
 params = { split = "test" }
@@ -59,8 +51,8 @@ params = { split = "test" }
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     folder = tmp_path_factory.mktemp("manifest")
-    recipe = folder / "tiny.toml"
-    recipe.write_text(RECIPE)
+    recipe = write_recipe(folder, name="tiny", filename="tiny.toml", sizes=TINY_SIZES, train=TINY_TRAIN,
+                          val=TINY_VAL, rows_per_shard=32)
     data = folder / "data"
     return prepare(recipe, data, 1, out=io.StringIO())
 

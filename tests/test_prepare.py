@@ -32,81 +32,9 @@ from pipeline.shard_format import SplitReader
 from pipeline.tasks import build_task
 from pipeline.tokenizer import load_tokenizer
 
+from tests.recipes import write_recipe
+
 REPO = Path(__file__).resolve().parents[1]
-SIZES = ("{smoltalk_train=150, smoltalk_test=30, mmlu_auxiliary_train=60, mmlu_test=30, gsm8k_train=60, "
-         "gsm8k_test=30, identity=20}")
-DEMO_TRAIN = """
-[[train]]
-kind = "smoltalk"
-params = { split = "train" }
-
-[[train]]
-kind = "customjson"
-name = "identity"
-params = { path = "identity_conversations.jsonl" }
-repeat = 2
-
-[[train]]
-kind = "mmlu"
-params = { split = "auxiliary_train" }
-repeat = 2
-
-[[train]]
-kind = "gsm8k"
-params = { split = "train" }
-
-[[train]]
-kind = "simplespelling"
-params = { size = 100, split = "train" }
-
-[[train]]
-kind = "spellingbee"
-params = { size = 100, split = "train" }
-"""
-DEMO_VAL = """
-[[val]]
-kind = "smoltalk"
-params = { split = "test" }
-
-[[val]]
-kind = "mmlu"
-params = { split = "test" }
-
-[[val]]
-kind = "gsm8k"
-params = { split = "test" }
-stop = 20
-"""
-
-
-def write_recipe(folder: Path, *, name="small", mask_policy="assistant", overlong="truncate", bad_rows="fail",
-                 mixture_seed=42, window=64, train=DEMO_TRAIN, val=DEMO_VAL, filename="small.toml") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / filename
-    path.write_text(f"""
-name = "{name}"
-max_seq_len = 256
-mask_policy = "{mask_policy}"
-overlong = "{overlong}"
-bad_rows = "{bad_rows}"
-mixture_seed = {mixture_seed}
-rows_per_shard = 64
-
-[tokenizer]
-source = "train"
-vocab_size = 512
-
-[packing]
-method = "bestfit"
-window = {window}
-
-[demo]
-seed = 0
-sizes = {SIZES}
-{train}
-{val}
-""")
-    return path
 
 
 def build(recipe: Path, data_dir: Path, workers: int = 1, update_lock: bool = False) -> Path:
