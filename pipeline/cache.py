@@ -14,6 +14,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from pipeline.manifest import canonical_json
 from pipeline.recipe import TaskSpec
 from pipeline.render import TEMPLATE_VERSION, render_conversation
 from pipeline.shard_format import token_dtype
+from pipeline.tempfiles import remove_stale_temps
 from pipeline.tokenizer import ChatTokenizer
 
 CACHE_VERSION = 3
@@ -93,6 +95,12 @@ def _render_chunk(job: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np
     return np.array(ids_all, dtype=dtype), np.array(mask_all, dtype=np.uint8), lengths, errors
 
 
+def _ignore_sigint() -> None:
+    """Pool initializer: Ctrl-C reaches the whole process group; only the parent handles it (and
+    terminates the workers), so a worker never prints a traceback nor blocks the parent's exit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 # ----------------------------------------------------------------------------- parent side
 
 def load_rendered(path: Path) -> RenderedTask:
@@ -114,6 +122,18 @@ def _open_raw(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
 
 
+def _interruptible(results, poll: float = 0.2):
+    """`imap` results, waited for in short slices: a wait without timeout blocks in a lock that Ctrl-C
+    cannot interrupt (the signal may land on one of the pool's threads), so the parent would hang."""
+    while True:
+        try:
+            yield results.next(timeout=poll)
+        except mp.TimeoutError:
+            continue
+        except StopIteration:
+            return
+
+
 class RenderPool:
     """Renders tasks into the cache; chunks of every task share one pool of forked worker processes.
 
@@ -133,8 +153,9 @@ class RenderPool:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool = None
+            pool, self._pool = self._pool, None
+            pool.terminate()  # SIGTERM to every worker: their partial chunks are discarded
+            pool.join()
 
     def _map(self, jobs: list[tuple[int, int, int]]):
         _worker.update(tasks=self.tasks, tok=self.tok)
@@ -142,8 +163,8 @@ class RenderPool:
         if not parallel:
             return map(_render_chunk, jobs)
         if self._pool is None:
-            self._pool = mp.get_context("fork").Pool(self.workers)
-        return self._pool.imap(_render_chunk, jobs)
+            self._pool = mp.get_context("fork").Pool(self.workers, initializer=_ignore_sigint)
+        return _interruptible(self._pool.imap(_render_chunk, jobs))
 
     def render(self, t: int, key: str, cache_root: Path) -> RenderedTask:
         """Task t's conversations, from `cache_root/key` if present, else rendered and stored there."""
@@ -153,8 +174,7 @@ class RenderPool:
         task = self.tasks[t]
         n = len(task)
         cache_root.mkdir(parents=True, exist_ok=True)
-        for stale in cache_root.glob(f".{key}.tmp-*"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_stale_temps(cache_root, f".{key}.tmp-*")  # left by a killed run; a live one's temp is its own
         tmp = cache_root / f".{key}.tmp-{os.getpid()}"
         tmp.mkdir()
         jobs = [(t, a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
@@ -178,7 +198,11 @@ class RenderPool:
             (tmp / "info.json").write_text(json.dumps({
                 "task": task.name, "n": n, "bad": int(bad.sum()), "errors": errors,
                 "token_dtype": token_dtype(self.tok.vocab_size).str}, indent=1))
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except OSError:  # another process published the same key first: identical bytes, use theirs
+                if not (final / "info.json").is_file():
+                    raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return load_rendered(final)

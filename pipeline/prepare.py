@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import sysconfig
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import polars as pl
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 
+from pipeline.cli import run_cli
 from pipeline.cache import RenderedTask, RenderPool, cache_key
 from pipeline.errors import DataError, SnapshotError
 from pipeline.manifest import (MANIFEST_NAME, SPLITS, TOKENIZER_NAME, compare_lock, content_sha256, load_manifest,
@@ -32,6 +36,7 @@ from pipeline.recipe import Recipe, TaskSpec, load_recipe, resolve_recipe_path
 from pipeline.render import TEMPLATE_VERSION
 from pipeline.shard_format import FORMAT_VERSION, ShardMeta, ShardRows, shard_filename, token_dtype, write_shard
 from pipeline.tasks import build_task
+from pipeline.tempfiles import remove_stale_temps
 from pipeline.tokenizer import ChatTokenizer, load_tokenizer, save_tokenizer, train_tokenizer
 
 PACK_VERSION = 1  # bump when a packer's output for the same lengths changes
@@ -80,6 +85,25 @@ def expand(specs: tuple[TaskSpec, ...]) -> list[TaskSpec]:
 def task_table(recipe: Recipe) -> list[tuple[str, TaskSpec]]:
     """One row per distinct (split, task name): what `doc_tasks` indexes."""
     return [(split, s) for split in SPLITS for s in getattr(recipe, split)]
+
+
+def check_empty_tasks(table: list[tuple[str, TaskSpec]], tasks: list, bad_rows: str, out) -> None:
+    """A task with no conversation (an empty source file, or a slice that selects none) is refused under
+    bad_rows = "fail" and reported under "skip", naming its files: it would silently add nothing."""
+    for (split, spec), task in zip(table, tasks):
+        if len(task) > 0:
+            continue
+        files = ", ".join(str(p) for p in task.inputs()) or "(no input file)"
+        reason = (f"no conversation: its source file(s) {files} hold no row, or start/stop/step select none")
+        if bad_rows == "fail":
+            raise DataError(reason + " (bad_rows = 'fail'; fill the file, drop the task, or set bad_rows = 'skip')",
+                            task=spec.name, field=f"{split}[{recipe_index(table, split, spec)}]")
+        print(f"warning: task {spec.name}: {reason}", file=out)
+
+
+def recipe_index(table: list[tuple[str, TaskSpec]], split: str, spec: TaskSpec) -> int:
+    """Position of a task in its split's list (for the dotted recipe field `train[i]`)."""
+    return [s for sp, s in table if sp == split].index(spec)
 
 
 def describe_input(path: Path, data_dir: Path) -> dict[str, Any]:
@@ -263,10 +287,56 @@ def print_report(stats: pl.DataFrame, splits: list[dict[str, Any]], errors: list
 # ----------------------------------------------------------------------------- main
 
 def prepare(recipe_file: Path, data_dir: Path, workers: int, update_lock: bool = False, out=sys.stderr) -> Path:
-    t0 = time.time()
     recipe = load_recipe(recipe_file)
-    data_dir = data_dir.resolve()
+    data_dir = Path(data_dir).resolve()
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError("the data dir is a file, not a folder; pass --data-dir a folder", file=data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
+    with build_lock(data_dir, recipe.name, out):
+        return _prepare(recipe_file, recipe, data_dir, workers, update_lock, out)
+
+
+@contextmanager
+def build_lock(data_dir: Path, recipe_name: str, out) -> Iterator[None]:
+    """One build of a recipe per data dir at a time (other recipes build alongside): a second run waits,
+    then finds the snapshot the first published."""
+    path = data_dir / "cache" / "locks" / f"prepare-{recipe_name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        print(f"waiting for another prepare of recipe {recipe_name!r} in {data_dir} (lock {path})", file=out)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def publish(tmp: Path, final: Path) -> bool:
+    """Rename a finished temp snapshot into place. If another process published the same id first, its
+    snapshot (the same bytes) counts as success: returns False and this one is discarded."""
+    try:
+        os.replace(tmp, final)
+        return True
+    except OSError:
+        if not (final / MANIFEST_NAME).is_file():
+            raise
+        verify_snapshot(final, full=False)
+        return False
+
+
+def _stale_snapshot_temps(snapshots: Path, recipe_name: str) -> None:
+    """Remove this recipe's temp folders left by dead processes (never another recipe's: `a` vs `a-b`)."""
+    own = re.compile(rf"^\.{re.escape(recipe_name)}-[0-9a-f]{{16}}\.tmp-\d+$")
+    for p in snapshots.glob(f".{recipe_name}-*.tmp-*"):
+        if own.match(p.name):
+            remove_stale_temps(snapshots, p.name)
+
+
+def _prepare(recipe_file: Path, recipe: Recipe, data_dir: Path, workers: int, update_lock: bool, out) -> Path:
+    t0 = time.time()
 
     demo_texts = None
     if recipe.demo is not None:
@@ -280,6 +350,7 @@ def prepare(recipe_file: Path, data_dir: Path, workers: int, update_lock: bool =
 
     table = task_table(recipe)
     tasks = [build_task(spec, data_dir) for _, spec in table]
+    check_empty_tasks(table, tasks, recipe.bad_rows, out)
     inputs = {}
     for t in tasks:
         for p in t.inputs():
@@ -329,8 +400,7 @@ def prepare(recipe_file: Path, data_dir: Path, workers: int, update_lock: bool =
 
     # pack and write each split into a temporary folder; rename it into place last
     snapshots.mkdir(parents=True, exist_ok=True)
-    for stale in snapshots.glob(f".{recipe.name}-*.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted run
+    _stale_snapshot_temps(snapshots, recipe.name)  # left by an interrupted run
     tmp = snapshots / f".{final.name}.tmp-{os.getpid()}"
     tmp.mkdir()
     try:
@@ -340,7 +410,10 @@ def prepare(recipe_file: Path, data_dir: Path, workers: int, update_lock: bool =
         for split in SPLITS:
             docs = split_docs(recipe, split, table, rendered, counts)
             if len(docs.length) == 0:
-                raise DataError(f"the {split} split has no conversation left to pack", task=split)
+                empty = [f"{t.name} ({', '.join(map(str, t.inputs()))})" for (sp, _), t in zip(table, tasks)
+                         if sp == split and len(t) == 0]
+                raise DataError(f"the {split} split has no conversation left to pack"
+                                + (f"; empty task(s): {'; '.join(empty)}" if empty else ""), task=split)
             docs_by_split[split] = docs
             plan = pack(docs.length, recipe.row_capacity, recipe.packing.method, **recipe.packing.options)
             entries = write_split(tmp, split, recipe, tok, docs, plan, rendered, sup_by_task)
@@ -365,7 +438,8 @@ def prepare(recipe_file: Path, data_dir: Path, workers: int, update_lock: bool =
             "stats": {"splits": split_summaries, "tasks": stats.to_dicts(), "skipped_examples": errors[:20]},
         }
         write_json_atomic(tmp / MANIFEST_NAME, manifest)  # last: its presence marks a complete snapshot
-        os.replace(tmp, final)
+        if not publish(tmp, final):
+            print(f"snapshot {final.name} was published by another process meanwhile: using it", file=out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -413,13 +487,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="render processes (default: all cores)")
     ap.add_argument("--update-lock", action="store_true", help="accept a snapshot that differs from the lock file")
     args = ap.parse_args(argv)
-    try:
-        path = prepare(resolve_recipe_path(args.recipe), args.data_dir, args.workers, args.update_lock)
-    except (DataError, LockMismatch) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, DataError) else 3
-    print(path)
-    return 0
+
+    def body() -> int:
+        try:
+            path = prepare(resolve_recipe_path(args.recipe), args.data_dir, args.workers, args.update_lock)
+        except LockMismatch as e:  # the snapshot was kept: its own exit code and the full diff
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+        print(path)
+        return 0
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""The command lines' one convention for failures: one line on stderr, never a traceback.
+
+    error: <what is wrong and where; what to do>     exit 2  (a fault the user can fix)
+    interrupted; nothing was published              exit 130 (Ctrl-C, as a shell reports SIGINT)
+
+Every CLI (`pipeline.*`, `trainer.train`) runs its body through `run_cli`, so the same faults read
+the same everywhere: bad inputs (DataError and the CLI's own error types), a full disk, a
+read-only or missing folder (OSError), and Ctrl-C.
+"""
+from __future__ import annotations
+
+import errno
+import signal
+import sys
+from typing import Callable
+
+from pipeline.errors import DataError
+
+INTERRUPTED = "interrupted; nothing was published"
+EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free some space and run again",
+    errno.EDQUOT: "the disk quota is exceeded: free some space and run again",
+    errno.EROFS: "the file system is read-only: point the command at a writable folder",
+    errno.EACCES: "permission denied: point the command at a folder you can write, or fix its permissions",
+    errno.EPERM: "operation not permitted: point the command at a folder you can write",
+    errno.ENOTDIR: "a path component is a file, not a folder",
+    errno.ENOENT: "no such file or folder",
+    errno.EEXIST: "already exists and is not a folder",
+}
+
+
+def error(message: str, out=None) -> int:
+    """Print `error: message` (first line only: the convention is one line) and return exit code 2."""
+    first = str(message).strip().splitlines()[0] if str(message).strip() else "failed"
+    print(f"error: {first}", file=out or sys.stderr)
+    return EXIT_ERROR
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OSError: the file it concerns, what happened, what to do; nothing was published."""
+    hint = _OS_HINTS.get(e.errno or -1) or (e.strerror or str(e)).strip()
+    where = e.filename if e.filename is not None else None
+    if where is None:  # pyarrow and torch put the path in the message only
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"{text} ({hint}); nothing was published" if text and hint not in text else f"{hint}; nothing was published"
+    return f"{where}: {hint}; nothing was published"
+
+
+def run_cli(body: Callable[[], int], errors: tuple[type[BaseException], ...] = (),
+            interrupted: str = INTERRUPTED) -> int:
+    """Run a CLI's body; map user faults to `error: …` (2) and Ctrl-C to one line (130).
+
+    `errors` are the CLI's own exception types whose message is already the one line to show
+    (DataError always is). Anything else is a bug and keeps its traceback.
+    """
+    try:
+        return body()
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not turn this into a traceback
+        print(interrupted, file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (DataError, *errors) as e:
+        return error(str(e))
+    except OSError as e:
+        return error(describe_os_error(e))
