@@ -60,6 +60,26 @@ def snapshot_id(identity: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(identity)).hexdigest()[:16]
 
 
+def snapshot_identity(*, format_version: int, template_version: int, pack_version: int, recipe: dict[str, Any],
+                      input_hashes: list[str], tokenizer_fingerprint: str) -> dict[str, Any]:
+    """What the snapshot id hashes. Input files count by content, not path: where a file lives (data dir,
+    virtualenv) does not change the bytes; which files a task reads is in the recipe."""
+    return {"format_version": format_version, "template_version": template_version, "pack_version": pack_version,
+            "recipe": recipe, "inputs": sorted(input_hashes), "tokenizer": tokenizer_fingerprint}
+
+
+def manifest_identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The identity a manifest records, so its `snapshot_id` can be recomputed and checked."""
+    try:
+        return snapshot_identity(format_version=manifest["format_version"],
+                                 template_version=manifest["template_version"],
+                                 pack_version=manifest["pack_version"], recipe=manifest["recipe"],
+                                 input_hashes=[d["content_sha256"] for d in manifest["inputs"]],
+                                 tokenizer_fingerprint=manifest["tokenizer"]["fingerprint"])
+    except (KeyError, TypeError) as e:
+        raise SnapshotError(f"manifest lacks a field of the snapshot identity ({e})") from None
+
+
 def write_json_atomic(path: Path, value: Any) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -96,6 +116,11 @@ def verify_snapshot(snapshot: str | Path, full: bool = True) -> dict[str, Any]:
     """
     snapshot = Path(snapshot)
     manifest = load_manifest(snapshot)
+    recomputed = snapshot_id(manifest_identity(manifest))
+    if recomputed != manifest.get("snapshot_id"):
+        raise SnapshotError(f"snapshot_id {manifest.get('snapshot_id')!r} is not the id of the manifest's recipe, "
+                            f"inputs, tokenizer and versions ({recomputed}): the manifest was edited",
+                            file=snapshot / MANIFEST_NAME)
     listed = {s["file"] for s in manifest["shards"]}
     for s in manifest["shards"]:
         path = snapshot / s["file"]
@@ -110,6 +135,8 @@ def verify_snapshot(snapshot: str | Path, full: bool = True) -> dict[str, Any]:
                 raise SnapshotError(f"sha256 {digest} does not match the manifest's {s['sha256']} "
                                     "(the file changed after it was written)", file=path)
             _check_shard_rows(path, s, manifest)
+        else:  # cheap (the footer only): a damaged footer or an edited manifest shows now, not mid-training
+            _check_shard_meta(ShardReader(path), s, manifest)
     tok = manifest["tokenizer"]
     tok_path = snapshot / tok["file"]
     if not tok_path.is_file():
@@ -122,18 +149,30 @@ def verify_snapshot(snapshot: str | Path, full: bool = True) -> dict[str, Any]:
     return manifest
 
 
+def _check_shard_meta(shard: ShardReader, entry: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """The shard's schema metadata and row count against the manifest (what the trainer trusts)."""
+    meta, expect = shard.meta, manifest["tokenizer"]
+    have = {"max_seq_len": meta.max_seq_len, "bos_id": meta.bos_id, "vocab_size": meta.vocab_size,
+            "tokenizer fingerprint": meta.tokenizer_fingerprint, "split": meta.split}
+    want = {"max_seq_len": manifest["max_seq_len"], "bos_id": expect["bos_id"], "vocab_size": expect["vocab_size"],
+            "tokenizer fingerprint": expect["fingerprint"], "split": entry["split"]}
+    diffs = [f"{k} {have[k]!r} vs manifest {want[k]!r}" for k in have if have[k] != want[k]]
+    if diffs:
+        raise SnapshotError(f"schema metadata disagrees with the manifest: {'; '.join(diffs)}", file=shard.path)
+    if shard.num_rows != entry["rows"]:
+        raise SnapshotError(f"{shard.num_rows} rows, manifest says {entry['rows']}", file=shard.path)
+
+
 def _check_shard_rows(path: Path, entry: dict[str, Any], manifest: dict[str, Any]) -> None:
     shard = ShardReader(path)
     meta = shard.meta
-    expect = manifest["tokenizer"]
-    if (meta.max_seq_len, meta.bos_id, meta.vocab_size, meta.tokenizer_fingerprint) != (
-            manifest["max_seq_len"], expect["bos_id"], expect["vocab_size"], expect["fingerprint"]):
-        raise SnapshotError("schema metadata disagrees with the manifest", file=path)
-    if shard.num_rows != entry["rows"]:
-        raise SnapshotError(f"{shard.num_rows} rows, manifest says {entry['rows']}", file=path)
+    _check_shard_meta(shard, entry, manifest)
     n_sup = shard.mask.sum(axis=1, dtype=np.int64)
     if not np.array_equal(n_sup, shard.n_supervised) or (shard.num_rows and n_sup.min() <= 0):
         raise SnapshotError("n_supervised does not match the mask, or a row has no supervised target", file=path)
+    if shard.num_rows and int(shard.tokens.max()) >= meta.vocab_size:
+        raise SnapshotError(f"a token id {int(shard.tokens.max())} is outside the vocabulary ({meta.vocab_size})",
+                            file=path)
     if shard.mask[:, 0].any():
         raise SnapshotError("mask is set at position 0 (never a target)", file=path)
     fill = np.add.reduceat(shard.doc_lens, shard.doc_offsets[:-1]) if len(shard.doc_lens) else np.zeros(0)

@@ -29,7 +29,8 @@ from pipeline.cli import run_cli
 from pipeline.cache import RenderedTask, RenderPool, cache_key
 from pipeline.errors import DataError, SnapshotError
 from pipeline.manifest import (MANIFEST_NAME, SPLITS, TOKENIZER_NAME, compare_lock, content_sha256, load_manifest,
-                               lock_entry, lock_path, sha256_file, snapshot_id, verify_snapshot, write_json_atomic)
+                               lock_entry, lock_path, sha256_file, snapshot_id, snapshot_identity, verify_snapshot,
+                               write_json_atomic)
 from pipeline.mixture import mixture_order
 from pipeline.pack import PackPlan, lower_bound_rows, pack
 from pipeline.recipe import Recipe, TaskSpec, load_recipe, resolve_recipe_path
@@ -358,12 +359,10 @@ def _prepare(recipe_file: Path, recipe: Recipe, data_dir: Path, workers: int, up
     described = {key: describe_input(p, data_dir) for key, p in inputs.items()}
     content_by_path = {key: d["content_sha256"] for key, d in described.items()}
     input_desc = sorted(described.values(), key=lambda d: d["path"])
-    identity = {
-        "format_version": FORMAT_VERSION, "template_version": TEMPLATE_VERSION, "pack_version": PACK_VERSION,
-        "recipe": recipe.to_dict(), "inputs": sorted(d["content_sha256"] for d in input_desc),  # not paths: where
-        # a file lives (data dir, virtualenv) does not change the bytes; which files a task reads is in the recipe
-        "tokenizer": tok.fingerprint,
-    }
+    identity = snapshot_identity(format_version=FORMAT_VERSION, template_version=TEMPLATE_VERSION,
+                                 pack_version=PACK_VERSION, recipe=recipe.to_dict(),
+                                 input_hashes=[d["content_sha256"] for d in input_desc],
+                                 tokenizer_fingerprint=tok.fingerprint)
     sid = snapshot_id(identity)
     snapshots = data_dir / "snapshots"
     final = snapshots / f"{recipe.name}-{sid}"

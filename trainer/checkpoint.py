@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from pipeline.tempfiles import remove_stale_temps
 from trainer.config import GPTConfig
 
 PHASE_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
@@ -47,11 +48,20 @@ def find_last_step(ckpt_dir: Path, complete: bool = False) -> int:
     return max(steps)
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
+        try:
+            torch.save(obj, tmp)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError [enforce fail ...]
+            raise CheckpointError(f"cannot write {path}: {_first_line(e)} (is the disk full or the folder "
+                                  "read-only?); the previous checkpoint is kept") from None
     finally:  # a failed write (disk full, interrupt) leaves neither a partial file nor a stray temp
         tmp.unlink(missing_ok=True)
 
@@ -61,6 +71,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict | None, optim_s
     """Rank 0 writes model and meta; every rank writes its optimizer shard. Meta goes last: it marks completion
     (in a distributed run only after every rank's shard is on disk)."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(ckpt_dir)  # .model_/.optim_/.meta_*.tmp-PID of a save that was killed before its rename
     if optim_state is not None:
         _atomic_save(optim_state, ckpt_dir / f"optim_{step:06d}_rank{rank}.pt")
     if rank == 0 and model_state is not None:
@@ -70,22 +81,45 @@ def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict | None, optim_s
     if rank == 0:
         if meta is not None:
             tmp = ckpt_dir / f".meta_{step:06d}.json.tmp-{os.getpid()}"
-            tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-            os.replace(tmp, ckpt_dir / f"meta_{step:06d}.json")
+            try:
+                tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+                os.replace(tmp, ckpt_dir / f"meta_{step:06d}.json")
+            except OSError as e:
+                tmp.unlink(missing_ok=True)
+                raise CheckpointError(f"cannot write {tmp.parent / f'meta_{step:06d}.json'}: {_first_line(e)}; "
+                                      "the previous checkpoint is kept") from None
 
 
 def load_meta(ckpt_dir: Path, step: int) -> dict:
     path = ckpt_dir / f"meta_{step:06d}.json"
     if not path.is_file():
         raise CheckpointError(f"missing {path}")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}): truncated or damaged; delete this step's files "
+                              "to fall back to the previous checkpoint") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is not a JSON object: damaged")
+    return meta
+
+
+def _torch_load(path: Path, device) -> Any:
+    """weights_only load whose failures (hostile pickle, truncated zip) name the file, in one line."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError, ...: all mean an unusable file
+        raise CheckpointError(f"cannot load {path}: {_first_line(e)} (truncated, damaged, or "
+                              "holding objects other than tensors)") from None
 
 
 def load_model_state(ckpt_dir: Path, step: int, device: torch.device) -> dict[str, torch.Tensor]:
     path = ckpt_dir / f"model_{step:06d}.pt"
     if not path.is_file():
         raise CheckpointError(f"missing {path}")
-    state = torch.load(path, map_location=device, weights_only=True)
+    state = _torch_load(path, device)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state dict")
     state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     if torch.device(device).type != "cuda":
         state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in state.items()}
@@ -96,7 +130,7 @@ def load_optim_state(ckpt_dir: Path, step: int, rank: int, device: torch.device)
     path = ckpt_dir / f"optim_{step:06d}_rank{rank}.pt"
     if not path.is_file():
         return None
-    return torch.load(path, map_location=device, weights_only=True)
+    return _torch_load(path, device)
 
 
 def config_from_meta(meta: dict) -> GPTConfig:

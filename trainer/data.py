@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.errors import SnapshotError
 from pipeline.shard_format import SplitReader
 
 
@@ -59,6 +60,19 @@ class RowSchedule:
     def epoch_at(self, step: int) -> float:
         """Epochs completed (fractional) after `step` steps."""
         return step * self.rows_per_step / self.num_rows
+
+
+def check_token_ids(reader: SplitReader, rows: np.ndarray, tokens: np.ndarray) -> None:
+    """Refuse rows holding an id outside the vocabulary (a damaged shard): the embedding lookup would
+    fail deep in the model with an IndexError, or silently read another row of a larger table."""
+    vocab = reader.meta.vocab_size
+    if tokens.size == 0 or int(tokens.max()) < vocab:
+        return
+    i = int(np.argmax((tokens >= vocab).any(axis=1)))
+    shard, local = reader.locate(int(rows[i]))
+    raise SnapshotError(f"row {local} holds token id {int(tokens[i].max())}, the vocabulary has {vocab}: the "
+                        "shard is damaged; rebuild or re-import the snapshot (pipeline.verify finds such files)",
+                        file=shard.path)
 
 
 def doc_ids_for_rows(reader: SplitReader, rows: np.ndarray, row_len: int) -> np.ndarray:
@@ -139,6 +153,7 @@ class StepLoader:
                 mask_np = buf["mask"].numpy()
                 self.reader.gather(rows.reshape(-1), tok_np.reshape(-1, tok_np.shape[-1]),
                                    mask_np.reshape(-1, mask_np.shape[-1]))
+                check_token_ids(self.reader, rows.reshape(-1), tok_np.reshape(-1, tok_np.shape[-1]))
                 if self.doc_mask:
                     buf["doc_ids"].numpy()[:] = doc_ids_for_rows(self.reader, rows.reshape(-1),
                                                                  tok_np.shape[-1]).reshape(tok_np.shape)
@@ -184,7 +199,9 @@ def val_batches(reader: SplitReader, *, rank: int, world_size: int, device_batch
     tok_np = np.empty((device_batch, row_len), dtype=reader.shards[0].tokens.dtype)
     mask_np = np.empty((device_batch, row_len), dtype=np.uint8)
     for s in range(steps):
-        reader.gather(schedule.micro_rows(s, rank, world_size, 0, device_batch), tok_np, mask_np)
+        rows = schedule.micro_rows(s, rank, world_size, 0, device_batch)
+        reader.gather(rows, tok_np, mask_np)
+        check_token_ids(reader, rows, tok_np)
         tok = torch.from_numpy(tok_np.astype(np.int64)).to(device)
         mask = torch.from_numpy(mask_np).to(device)
         yield tok[:, :-1].to(torch.int32), torch.where(mask[:, 1:].bool(), tok[:, 1:], -1)

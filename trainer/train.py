@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import SnapshotError
+from pipeline.cli import run_cli
 from pipeline.manifest import latest_snapshot, shard_paths, verify_snapshot
 from pipeline.shard_format import SplitReader
 from pipeline.tokenizer import load_tokenizer
@@ -82,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--num-experts", type=int, default=0, help="MoE experts when initialising from scratch (0 = dense)")
     a("--save-every", type=int, default=0, help="checkpoint every N steps (and always at the end)")
     a("--resume", action="store_true", help="continue the latest checkpoint of this run exactly")
+    a("--resume-new-batch", action="store_true",
+      help="with --resume, accept another --device-batch-size (rows per step change: not an exact resume)")
     a("--stop-at", type=int, default=0, help="end cleanly after step N, keeping the schedule of --num-iterations")
     a("--doc-mask", action="store_true", help="no attention across packed conversations")
     a("--loss-norm", choices=["token", "mean"], default="token")
@@ -218,11 +220,8 @@ def optimizer_step(model: GPT, optimizer, lr_mult: float, momentum: float) -> No
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return train(args)
-    except (TrainError, SnapshotError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: train(args), errors=(TrainError, CheckpointError),
+                   interrupted="interrupted; nothing was published after the last saved checkpoint")
 
 
 def train(args) -> int:
@@ -259,9 +258,11 @@ def train(args) -> int:
                                    matrix_lr=lrs["matrix_lr"], weight_decay=0.0)
     optimizer = DistMuonAdamW(groups) if ddp else MuonAdamW(groups)
     out_dir = base_dir(args.data_dir) / PHASE_DIRS["sft"] / (args.out_tag or tag)
+    if master:
+        check_writable(out_dir)  # now, not at the first save after an hour of training
     start_step, loop = 0, {"smooth_loss": 0.0, "best_val_bpb": None, "total_time": 0.0}
     if args.resume:
-        start_step, loop = resume(args, out_dir, model, optimizer, manifest, world, device)
+        start_step, loop = resume(args, out_dir, model, optimizer, manifest, world, device, B, rows_per_step)
     elif base_optim is not None:
         warm_start(optimizer, base_optim, args.init_lr_frac)
         print0(f"optimizer: warm start from the base optimizer state, lr x {args.init_lr_frac}")
@@ -425,7 +426,20 @@ def rewrite_metrics(path: Path, start_step: int) -> list[dict]:
     return kept
 
 
-def resume(args, out_dir: Path, model: GPT, optimizer, manifest: dict, world: int, device) -> tuple[int, dict]:
+def check_writable(folder: Path) -> None:
+    """Create the checkpoint folder and write a probe file in it, or say why not (before any training)."""
+    probe = folder / f".write-probe.tmp-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise TrainError(f"checkpoint folder {folder} is not writable ({e.strerror or e}); set NANOCHAT_BASE_DIR "
+                         "or --data-dir to a writable place, or pass --out-tag") from None
+
+
+def resume(args, out_dir: Path, model: GPT, optimizer, manifest: dict, world: int, device, device_batch: int,
+           rows_per_step: int) -> tuple[int, dict]:
     """Continue this run's latest checkpoint exactly: same snapshot, same world size, same schedule."""
     try:
         step = find_last_step(out_dir, complete=True)  # a checkpoint interrupted mid-write has no meta
@@ -439,6 +453,14 @@ def resume(args, out_dir: Path, model: GPT, optimizer, manifest: dict, world: in
                          "with --out-tag")
     if ns.get("world_size") != world:
         raise TrainError(f"--resume: the optimizer shards are for {ns.get('world_size')} ranks, this run has {world}")
+    was = (meta.get("device_batch_size"), ns.get("rows_per_step"))
+    if was != (device_batch, rows_per_step):
+        change = (f"--resume: the checkpoint ran --device-batch-size {was[0]} ({was[1]} rows/step), this run "
+                  f"{device_batch} ({rows_per_step} rows/step)")
+        if not args.resume_new_batch:
+            raise TrainError(f"{change}: the rows of each step would differ; pass --device-batch-size {was[0]}, "
+                             "or --resume-new-batch to continue anyway (not an exact resume)")
+        print0(f"WARNING: {change}; continuing because of --resume-new-batch: not an exact resume")
     _, rank, _, _ = dist_info()
     state = load_model_state(out_dir, step, device)
     model.load_state_dict(state, strict=True)
