@@ -13,6 +13,7 @@ from pathlib import Path
 
 import zstandard
 
+from pipeline.cli import run_cli
 from pipeline.errors import SnapshotError
 from pipeline.manifest import snapshot_files, verify_snapshot
 
@@ -21,6 +22,8 @@ def export_snapshot(snapshot: Path, archive: Path, level: int = 10) -> Path:
     snapshot = Path(snapshot).resolve()
     manifest = verify_snapshot(snapshot, full=True)  # never ship a snapshot that does not verify
     archive = Path(archive)
+    if not archive.parent.is_dir():
+        raise SnapshotError(f"folder {archive.parent} does not exist; create it first", file=archive)
     tmp = archive.with_name(f".{archive.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as raw:
@@ -47,13 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("archive", type=Path)
     ap.add_argument("--level", type=int, default=10, help="zstd level (1-22)")
     args = ap.parse_args(argv)
-    try:
-        out = export_snapshot(args.snapshot, args.archive, args.level)
-    except SnapshotError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(out)
-    return 0
+
+    def body() -> int:
+        print(export_snapshot(args.snapshot, args.archive, args.level))
+        return 0
+    return run_cli(body)
 
 
 if __name__ == "__main__":

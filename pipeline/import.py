@@ -16,16 +16,25 @@ from pathlib import Path, PurePosixPath
 
 import zstandard
 
+from pipeline.cli import run_cli
 from pipeline.errors import SnapshotError
 from pipeline.manifest import verify_snapshot
+from pipeline.tempfiles import remove_stale_temps
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
-def _safe_member(member: tarfile.TarInfo, archive: Path) -> tuple[str, str]:
-    """(snapshot folder, file name) of a member, or SnapshotError if it could escape the target."""
+def _safe_member(member: tarfile.TarInfo, archive: Path) -> tuple[str, str | None]:
+    """(snapshot folder, file name) of a member, or SnapshotError if it could escape the target.
+
+    A plain folder entry `<snapshot>/` (what `tar --zstd -cf x.tar.zst <snapshot>` writes) gives (folder, None)."""
     path = PurePosixPath(member.name)
     parts = path.parts
+    if member.isdir() and len(parts) == 1 and _NAME.match(parts[0]) and parts[0] not in (".", ".."):
+        return parts[0], None
+    if member.isdir():
+        raise SnapshotError(f"member {member.name!r} is a sub-folder; a snapshot archive holds one folder of files "
+                            "(make archives with pipeline.export)", file=archive)
     if not member.isfile():
         raise SnapshotError(f"member {member.name!r} is not a regular file (links and devices are refused)",
                             file=archive)
@@ -41,6 +50,7 @@ def import_snapshot(archive: Path, data_dir: Path) -> Path:
         raise SnapshotError("archive not found", file=archive)
     snapshots = Path(data_dir) / "snapshots"
     snapshots.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(snapshots, ".import.tmp-*")  # left by a killed import
     tmp = snapshots / f".import.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -55,6 +65,8 @@ def import_snapshot(archive: Path, data_dir: Path) -> Path:
                         if folder is not None and name != folder:
                             raise SnapshotError(f"archive holds more than one folder ({folder}, {name})", file=archive)
                         folder = name
+                        if file is None:
+                            continue
                         src = tar.extractfile(member)
                         with open(tmp / file, "xb") as out:
                             shutil.copyfileobj(src, out, 1 << 22)
@@ -62,10 +74,20 @@ def import_snapshot(archive: Path, data_dir: Path) -> Path:
                 raise SnapshotError(f"not a readable .tar.zst snapshot archive ({e})", file=archive) from None
         if folder is None:
             raise SnapshotError("archive is empty", file=archive)
-        verify_snapshot(tmp, full=True)
-        final = snapshots / folder
+        manifest = verify_snapshot(tmp, full=True)
+        name = f"{manifest['recipe']['name']}-{manifest['snapshot_id']}"
+        if not _NAME.match(name) or name.startswith("."):
+            raise SnapshotError(f"recipe name {manifest['recipe']['name']!r} is not a safe folder name", file=archive)
+        if folder != name:  # the id, not the folder name, says what the snapshot is
+            print(f"the archive's folder is {folder!r}, its manifest says {name!r}: importing it as {name}",
+                  file=sys.stderr)
+        final = snapshots / name
         if final.exists():
-            verify_snapshot(final, full=True)
+            try:
+                verify_snapshot(final, full=True)
+            except SnapshotError as e:
+                raise SnapshotError(f"an existing copy at {final} fails verification ({e}); remove it "
+                                    f"(rm -r {final}) and import again") from None
             print(f"{final} already exists and verifies; leaving it as is", file=sys.stderr)
             return final
         os.replace(tmp, final)
@@ -79,13 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("archive", type=Path)
     ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("NANOCHAT_BASE_DIR") or "data"))
     args = ap.parse_args(argv)
-    try:
-        out = import_snapshot(args.archive, args.data_dir)
-    except SnapshotError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(out)
-    return 0
+
+    def body() -> int:
+        print(import_snapshot(args.archive, args.data_dir))
+        return 0
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.cli import error, run_cli
 from pipeline.errors import SnapshotError
 from pipeline.manifest import load_manifest, shard_paths
 from pipeline.shard_format import SplitReader
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", type=Path, help="tokenizer.pkl (default: the one recorded in the manifest)")
     ap.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     args = ap.parse_args(argv)
+    return run_cli(lambda: _main(args))
+
+
+def _main(args) -> int:
     try:
         manifest = load_manifest(args.snapshot)
         if args.stats or args.row is None:
@@ -81,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.split} row {args.row} of {reader.num_rows}: {reader.n_supervised([args.row])} "
                   f"supervised targets" + ("" if color else "; supervised tokens shown [[like this]]"))
             print(text)
-    except (SnapshotError, IndexError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except IndexError as e:  # a row outside the split: says the valid range
+        return error(str(e))
     return 0
 
 

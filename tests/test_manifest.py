@@ -284,7 +284,7 @@ def test_inspect_stats_val_split_colors_and_bad_rows(snap, capsys):
 
     n = sum(s["rows"] for s in m["shards"] if s["split"] == "train")
     for bad in (n, -1):
-        assert inspect_cli.main([str(snap), "--row", str(bad), "--color", "never"]) == 1
+        assert inspect_cli.main([str(snap), "--row", str(bad), "--color", "never"]) == 2
         assert capsys.readouterr().err.strip() == f"error: row {bad} out of range [0, {n})"
 
 
@@ -318,7 +318,7 @@ def test_export_refuses_a_snapshot_that_does_not_verify(snap, tmp_path, capsys):
     shard.write_bytes(bytes(raw))
     out = tmp_path / "out"
     out.mkdir()
-    assert export.main([str(snap), str(out / "x.tar.zst")]) == 1
+    assert export.main([str(snap), str(out / "x.tar.zst")]) == 2
     assert shard.name in capsys.readouterr().err
     assert list(out.iterdir()) == []
 
