@@ -350,7 +350,8 @@ def _prepare(recipe_file: Path, recipe: Recipe, data_dir: Path, workers: int, up
     tok, tok_path = resolve_tokenizer(recipe, data_dir, demo_texts)
 
     table = task_table(recipe)
-    tasks = [build_task(spec, data_dir) for _, spec in table]
+    tasks = [build_task(spec, data_dir, f"{split}[{recipe_index(table, split, spec)}]", recipe_file)
+             for split, spec in table]
     check_empty_tasks(table, tasks, recipe.bad_rows, out)
     inputs = {}
     for t in tasks:

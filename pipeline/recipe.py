@@ -5,6 +5,7 @@ themselves (those are hashed into the manifest). Every error names the TOML fiel
 """
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ OVERLONG_POLICIES = ("truncate", "drop")
 BAD_ROW_POLICIES = ("fail", "skip")
 PACKERS = ("bestfit-seed", "bestfit", "bfd-shuffle", "bfd-blocks")
 TOKENIZER_SOURCES = ("file", "train")
+RECIPE_NAME = re.compile(r"[A-Za-z0-9._-]+")  # a folder name on any system, and what pipeline.import accepts
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,11 @@ def _task_spec(table: Any, where: str, file: str) -> TaskSpec:
     f.done()
     if start < 0 or (stop is not None and stop < start):
         raise RecipeError(f"needs 0 <= start <= stop, found start={start} stop={stop}", file=file, field=where)
+    from pipeline.tasks import resolve_params  # here, not at the top: pipeline.tasks imports this module
+    try:
+        resolve_params(kind, name, params, where)  # a wrong parameter is a recipe error: say so at load
+    except RecipeError as e:
+        raise RecipeError(e.reason, file=file, field=e.field) from None
     return TaskSpec(kind=kind, name=name, params=params, start=start, stop=stop, step=step, repeat=repeat)
 
 
@@ -174,6 +181,9 @@ def _task_list(tables: Any, split: str, file: str) -> tuple[TaskSpec, ...]:
 def parse_recipe(data: Mapping[str, Any], file: str = "<recipe>") -> Recipe:
     f = _Fields(data, "", file)
     name = f.get("name", str)
+    if not RECIPE_NAME.fullmatch(name) or name.startswith("."):
+        raise RecipeError(f"must be letters, digits, '.', '_' or '-' and not start with '.', found {name!r} "
+                          "(it names the snapshot folder)", file=file, field="name")
     description = f.get("description", str, "")
     max_seq_len = f.positive("max_seq_len")
     mask_policy = f.get("mask_policy", str, "assistant", MASK_POLICIES)

@@ -36,10 +36,12 @@ _TYPES = {
 }
 
 
-def resolve_params(kind: str, name: str, params: Mapping[str, Any]) -> dict[str, Any]:
-    """Check a task's params against its kind's table (unknown, missing, wrongly typed -> RecipeError)."""
+def resolve_params(kind: str, name: str, params: Mapping[str, Any], where: str | None = None) -> dict[str, Any]:
+    """Check a task's params against its kind's table (unknown, missing, wrongly typed -> RecipeError).
+
+    `where` is the task's dotted place in the recipe (`train[0]`); errors name `<where>.params.<key>`."""
     table = KINDS[kind][0].PARAMS
-    where = f"tasks.{name}.params"
+    where = f"{where or f'tasks.{name}'}.params"
     for key in params:
         if key not in table:
             raise RecipeError(f"unknown parameter for a {kind} task (known: {', '.join(table)})", field=f"{where}.{key}")
@@ -62,13 +64,23 @@ def resolve_params(kind: str, name: str, params: Mapping[str, Any]) -> dict[str,
     return out
 
 
-def build_task(spec: TaskSpec, data_dir: Path) -> Task:
-    """The task a spec names, viewed through its start/stop/step (`repeat` is the mixture's business)."""
-    if spec.kind not in KINDS:
-        raise RecipeError(f"unknown task kind {spec.kind!r} (known: {', '.join(KINDS)})", field=f"tasks.{spec.name}.kind")
-    params = resolve_params(spec.kind, spec.name, spec.params)
+def build_task(spec: TaskSpec, data_dir: Path, where: str | None = None, recipe_file: str | Path | None = None) -> Task:
+    """The task a spec names, viewed through its start/stop/step (`repeat` is the mixture's business).
+
+    With `where` (`train[0]`) and `recipe_file`, a recipe error names the file and the dotted field there."""
     try:
-        task = KINDS[spec.kind][1](spec.name, Path(data_dir), **params)
-    except DataError as e:
-        raise e.located(task=spec.name) from None
-    return task.set_view(spec.start, spec.stop, spec.step)
+        if spec.kind not in KINDS:
+            raise RecipeError(f"unknown task kind {spec.kind!r} (known: {', '.join(KINDS)})",
+                              field=f"tasks.{spec.name}.kind")
+        params = resolve_params(spec.kind, spec.name, spec.params, where)
+        try:
+            task = KINDS[spec.kind][1](spec.name, Path(data_dir), **params)
+        except DataError as e:
+            raise e.located(task=spec.name) from None
+        return task.set_view(spec.start, spec.stop, spec.step)
+    except RecipeError as e:
+        if where is None or e.file is not None:
+            raise
+        own = f"tasks.{spec.name}"
+        field = where + e.field[len(own):] if e.field and e.field.startswith(own) else e.field
+        raise RecipeError(e.reason, file=recipe_file, field=field, task=e.task) from None

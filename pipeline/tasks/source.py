@@ -8,6 +8,7 @@ from __future__ import annotations
 import bisect
 import glob
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -171,14 +172,19 @@ class ParquetRows:
 def jsonl_lines(path: Path) -> Iterator[tuple[int, Any]]:
     """(1-based line number, parsed JSON) for each non-blank stripped line, as nanochat reads them.
 
-    A line that is not JSON yields a DataError in place of its value, so that the bad-row policy
-    (fail or skip) decides when the row is read, not the whole file at once."""
+    A line that is not JSON, or not valid UTF-8, yields a DataError in place of its value, so that the
+    bad-row policy (fail or skip) decides when the row is read, not the whole file at once. Lines are
+    split as text mode's universal newlines split them (\n, \r\n, \r) and decoded one by one."""
     lineno = 0
-    try:
-        with open(path, "r", encoding="utf-8") as f:  # text mode: universal newlines, like nanochat
-            for line in f:
+    with open(path, "rb") as f:
+        for raw in f:
+            for piece in _CR_SPLIT.split(raw.rstrip(b"\n").removesuffix(b"\r")) if b"\r" in raw else [raw]:
                 lineno += 1
-                line = line.strip()
+                try:
+                    line = piece.decode("utf-8").strip()
+                except UnicodeDecodeError as e:
+                    yield lineno, DataError(f"line {lineno} (1-based) is not valid UTF-8: {e}", file=path, row=lineno)
+                    continue
                 if not line:
                     continue
                 try:
@@ -186,8 +192,9 @@ def jsonl_lines(path: Path) -> Iterator[tuple[int, Any]]:
                 except json.JSONDecodeError as e:  # handed to the caller, raised when that row is read
                     value = DataError(f"line {lineno} (1-based) is not valid JSON: {e}", file=path, row=lineno)
                 yield lineno, value
-    except UnicodeDecodeError as e:
-        raise DataError(f"not valid UTF-8 (near line {lineno + 1}): {e}", file=path) from None
+
+
+_CR_SPLIT = re.compile(rb"\r\n?")
 
 
 def read_lines(path: Path) -> list[str]:
