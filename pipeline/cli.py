@@ -10,6 +10,7 @@ read-only or missing folder (OSError), and Ctrl-C.
 from __future__ import annotations
 
 import errno
+import re
 import signal
 import sys
 from typing import Callable
@@ -38,14 +39,29 @@ def error(message: str, out=None) -> int:
     return EXIT_ERROR
 
 
+def _errno_of(e: OSError) -> int | None:
+    """The errno, also when only the message carries it (pyarrow: "[Errno 28] Error writing bytes ...")."""
+    if e.errno:
+        return e.errno
+    m = re.search(r"\[errno (\d+)\]", str(e), re.IGNORECASE)
+    return int(m.group(1)) if m else None
+
+
+def with_path(e: OSError, path) -> OSError:
+    """The same fault as an OSError that names `path` (for writers whose errors do not)."""
+    if e.filename is not None:
+        return e
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return OSError(_errno_of(e) or 0, text, str(path))
+
+
 def describe_os_error(e: OSError) -> str:
     """One line for an OSError: the file it concerns, what happened, what to do; nothing was published."""
-    hint = _OS_HINTS.get(e.errno or -1) or (e.strerror or str(e)).strip()
-    where = e.filename if e.filename is not None else None
-    if where is None:  # pyarrow and torch put the path in the message only
-        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return f"{text} ({hint}); nothing was published" if text and hint not in text else f"{hint}; nothing was published"
-    return f"{where}: {hint}; nothing was published"
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    hint = _OS_HINTS.get(_errno_of(e) or -1)
+    if e.filename is not None:
+        return f"{e.filename}: {hint or e.strerror or text}; nothing was published"
+    return f"{text}{f' ({hint})' if hint else ''}; nothing was published"
 
 
 def run_cli(body: Callable[[], int], errors: tuple[type[BaseException], ...] = (),

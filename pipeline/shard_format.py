@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 import pyarrow as pa
 
+from pipeline.cli import with_path
 from pipeline.errors import SnapshotError
 
 FORMAT_VERSION = 1
@@ -131,6 +132,8 @@ def write_shard(path: Path, rows: ShardRows, meta: ShardMeta) -> int:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # pyarrow's errors (a full disk) do not name the file
+        raise with_path(e, path) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -154,8 +157,9 @@ class ShardReader:
             if reader.num_record_batches != 1:
                 raise SnapshotError(f"expected 1 record batch, found {reader.num_record_batches}", file=self.path)
             batch = reader.get_batch(0)
-        except pa.ArrowInvalid as e:
-            raise SnapshotError(f"not a readable Arrow IPC file ({e})", file=self.path) from None
+        except (pa.ArrowException, OSError) as e:  # a damaged footer reads as an OSError from pyarrow
+            raise SnapshotError(f"not a readable Arrow IPC file ({e}): damaged; rebuild or re-import the snapshot",
+                                file=self.path) from None
         self.meta = ShardMeta.from_arrow(reader.schema.metadata, self.path)
         expected = shard_schema(self.meta)
         if not reader.schema.remove_metadata().equals(expected.remove_metadata()):

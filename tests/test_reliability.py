@@ -190,3 +190,196 @@ def test_a_live_build_temp_of_another_recipe_survives(base, tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+# ----------------------------------------------------------------------------- one-line errors: disk, folders
+
+def prepare_cli(recipe: Path, data: Path) -> int:
+    return prep.main(["--recipe", str(recipe), "--data-dir", str(data), "--workers", "1"])
+
+
+@pytest.mark.parametrize("where", ["write_shard", "write_json_atomic"])
+def test_disk_full_during_prepare_is_one_line_and_publishes_nothing(base, tmp_path, monkeypatch, capsys, where):
+    data = fresh(base, tmp_path)
+
+    def full(path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    monkeypatch.setattr(prep, where, full)
+    assert prepare_cli(base.recipe, data) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "disk is full" in line and ("train-00000" in line or "manifest.json" in line), line
+    assert not list((data / "snapshots").glob("small-*")) and not list(data.rglob("*.tmp-*"))
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_real_full_disk_under_pyarrow_names_the_shard(base, tmp_path, monkeypatch):
+    import pyarrow as pa
+    from pipeline.shard_format import ShardReader, ShardRows, write_shard
+    shard = ShardReader(sorted(base.snap.glob("train-*.arrow"))[0])
+    rows = ShardRows(tokens=shard.tokens, mask=shard.mask, doc_offsets=shard.doc_offsets, doc_lens=shard.doc_lens,
+                     doc_ids=shard.doc_ids, doc_tasks=shard.doc_tasks)
+    real = pa.OSFile
+    monkeypatch.setattr(pa, "OSFile", lambda path, mode="r": real("/dev/full", mode))  # writes fail with ENOSPC
+    with pytest.raises(OSError) as e:
+        write_shard(tmp_path / "x.arrow", rows, shard.meta)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "x.arrow")
+    assert describe_os_error(e.value) == f"{tmp_path / 'x.arrow'}: the disk is full: free some space and run again; " \
+                                         "nothing was published"
+    assert not list(tmp_path.iterdir())
+
+
+def test_os_errors_without_a_file_name_still_read_as_one_line():
+    e = OSError("[Errno 28] Error writing bytes to file. Detail: [errno 28] No space left on device\nmore")
+    assert describe_os_error(e).count("\n") == 0 and "No space left" in describe_os_error(e)
+    assert run_cli(lambda: (_ for _ in ()).throw(e)) == 2
+
+
+def test_read_only_data_dir_is_one_line(base, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "ro"
+    data.mkdir()
+    real = Path.mkdir
+
+    def read_only(self, *a, **k):  # as if `data` were on a read-only mount (tests may run as root: no chmod)
+        if str(self).startswith(str(data.resolve())) and self != data.resolve():
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real(self, *a, **k)
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert prepare_cli(base.recipe, data) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "read-only" in line and str(data.resolve()) in line, line
+
+
+def test_data_dir_that_is_a_file_is_one_line(base, tmp_path, capsys):
+    data = tmp_path / "file"
+    data.write_text("")
+    assert prepare_cli(base.recipe, data) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(data.resolve()) in line and "is a file" in line, line
+
+
+def test_export_into_a_missing_folder_is_one_line(base, tmp_path, capsys):
+    export = __import__("pipeline.export", fromlist=["main"])
+    assert export.main([str(base.snap), str(tmp_path / "nope" / "x.tar.zst")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(tmp_path / "nope") in line and "does not exist" in line, line
+
+
+# ----------------------------------------------------------------------------- damaged snapshot files
+
+def copy_snapshot(base, tmp_path: Path) -> Path:
+    dst = tmp_path / "snapshots" / base.snap.name
+    shutil.copytree(base.snap, dst)
+    return dst
+
+
+def same_size(data: bytes, size: int) -> bytes:
+    assert len(data) <= size
+    return data + b"\0" * (size - len(data))
+
+
+def hostile_pickle() -> bytes:
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch /tmp/nanosft-pwned",))
+    return pickle.dumps(Evil())
+
+
+@pytest.mark.parametrize("damage", ["hostile", "truncated"])
+def test_damaged_tokenizer_in_a_snapshot_is_one_line_from_inspect(base, tmp_path, capsys, damage):
+    inspect_cli = __import__("pipeline.inspect", fromlist=["main"])
+    snap = copy_snapshot(base, tmp_path)
+    tok = snap / "tokenizer.pkl"
+    raw = tok.read_bytes()
+    tok.write_bytes(same_size(hostile_pickle() if damage == "hostile" else raw[: len(raw) // 2], len(raw)))
+    assert inspect_cli.main([str(snap), "--row", "0", "--color", "never"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(tok) in line, line
+
+
+def test_verify_recomputes_the_snapshot_id(base, tmp_path, capsys):
+    verify = __import__("pipeline.verify", fromlist=["main"])
+    snap = copy_snapshot(base, tmp_path)
+    m = json.loads((snap / "manifest.json").read_text())
+    m["snapshot_id"] = "0123456789abcdef"
+    (snap / "manifest.json").write_text(json.dumps(m))
+    assert verify.main([str(snap)]) == 1 and verify.main([str(snap), "--quick"]) == 1
+    assert "the manifest was edited" in capsys.readouterr().err
+
+
+def test_quick_open_compares_shard_metadata_with_the_manifest(base, tmp_path):
+    snap = copy_snapshot(base, tmp_path)
+    m = json.loads((snap / "manifest.json").read_text())
+    m["max_seq_len"] = m["max_seq_len"] // 2  # the recipe (the id) is untouched: only this field lies
+    (snap / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(SnapshotError, match=r"max_seq_len 256 vs manifest 128") as e:
+        verify_snapshot(snap, full=False)
+    assert e.value.file.endswith(".arrow")
+
+
+def test_damaged_arrow_footer_names_the_shard_in_a_quick_open(base, tmp_path):
+    snap = copy_snapshot(base, tmp_path)
+    shard = sorted(snap.glob("train-*.arrow"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[-40:-10] = b"\xff" * 30  # the footer's flatbuffer, before its length and the ARROW1 magic
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(SnapshotError) as e:
+        verify_snapshot(snap, full=False)
+    assert e.value.file == str(shard), str(e.value)
+
+
+# ----------------------------------------------------------------------------- import / export leftovers
+
+def archive_of(folder: Path, out: Path, arcname: str, dir_entry: bool = True, subdir: bool = False) -> Path:
+    """What `tar --zstd -cf out -C parent folder` writes: a directory entry, then the files."""
+    with open(out, "wb") as raw, zstandard.ZstdCompressor().stream_writer(raw) as z, \
+            tarfile.open(fileobj=z, mode="w|") as tar:
+        if dir_entry:
+            tar.add(folder, arcname=arcname, recursive=False)
+        if subdir:
+            tar.add(folder, arcname=f"{arcname}/sub", recursive=False)
+        for p in sorted(folder.iterdir()):
+            tar.add(p, arcname=f"{arcname}/{p.name}")
+    return out
+
+
+def test_import_accepts_a_plain_tar_zstd_with_its_folder_entry(base, tmp_path):
+    importer = __import__("pipeline.import", fromlist=["import_snapshot"])
+    archive = archive_of(base.snap, tmp_path / "plain.tar.zst", base.snap.name)
+    out = importer.import_snapshot(archive, tmp_path / "data")
+    assert out.name == base.snap.name
+    verify_snapshot(out)
+    bad = archive_of(base.snap, tmp_path / "sub.tar.zst", base.snap.name, subdir=True)
+    with pytest.raises(SnapshotError, match="pipeline.export"):
+        importer.import_snapshot(bad, tmp_path / "data2")
+
+
+def test_import_of_a_renamed_folder_publishes_under_the_manifest_name(base, tmp_path, capsys):
+    importer = __import__("pipeline.import", fromlist=["import_snapshot"])
+    archive = archive_of(base.snap, tmp_path / "renamed.tar.zst", "my-renamed-copy", dir_entry=False)
+    out = importer.import_snapshot(archive, tmp_path / "data")
+    assert out.name == base.snap.name and "my-renamed-copy" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "data" / "snapshots").iterdir()] == [base.snap.name]
+
+
+def test_import_over_a_corrupt_copy_says_how_to_fix_it(base, tmp_path, capsys):
+    importer = __import__("pipeline.import", fromlist=["main"])
+    archive = archive_of(base.snap, tmp_path / "a.tar.zst", base.snap.name)
+    existing = copy_snapshot(base, tmp_path / "data")
+    (existing / "tokenizer.pkl").write_bytes(b"x")
+    assert importer.main([str(archive), "--data-dir", str(tmp_path / "data")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"rm -r {existing}" in line, line
+    shutil.rmtree(existing)
+    assert importer.main([str(archive), "--data-dir", str(tmp_path / "data")]) == 0
+
+
+def test_demo_writer_removes_its_stale_temps(tmp_path):
+    from pipeline.demo_data import SOURCE_PATHS, write_demo_sources
+    target = tmp_path / SOURCE_PATHS["smoltalk_train"]
+    target.parent.mkdir(parents=True)
+    stale = target.with_name(f".{target.name}.tmp-{dead_pid()}")
+    stale.write_bytes(b"half")
+    write_demo_sources(tmp_path, sizes={k: 2 for k in SOURCE_PATHS})
+    assert not stale.exists() and target.is_file()
