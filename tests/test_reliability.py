@@ -129,6 +129,7 @@ def run_prepare(recipe: Path, data: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # three real processes at once: ~10 s on a busy 2-core machine
 def test_concurrent_builds_same_recipe_twice_and_another_recipe_all_succeed(base, tmp_path):
     data = fresh(base, tmp_path)
     # `small` is a prefix of `small-b`: a careless glob for one's temp folders would match the other's
@@ -383,3 +384,103 @@ def test_demo_writer_removes_its_stale_temps(tmp_path):
     stale.write_bytes(b"half")
     write_demo_sources(tmp_path, sizes={k: 2 for k in SOURCE_PATHS})
     assert not stale.exists() and target.is_file()
+
+
+# ----------------------------------------------------------------------------- recipes and source rows
+
+CHAT = """
+[[train]]
+kind = "chat"
+name = "mychat"
+params = {{ paths = "{path}" }}
+
+[[train]]
+kind = "simplespelling"
+params = {{ size = 50, split = "train" }}
+"""
+VAL = """
+[[val]]
+kind = "smoltalk"
+params = { split = "test" }
+"""
+
+
+def chat_jsonl(path: Path, n: int, raw: dict[int, bytes] | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"q{i}?"}, {"role": "assistant",
+                                                                            "content": f"a{i}."}]}).encode()
+             for i in range(1, n + 1)]
+    for lineno, b in (raw or {}).items():
+        lines[lineno - 1] = b
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "a/b", ".hidden", "has space", "ünï", ""])
+def test_recipe_name_outside_the_safe_set_is_refused_at_load(base, tmp_path, capsys, name):
+    recipe = write_recipe(tmp_path / "r", name=name)
+    with pytest.raises(RecipeError) as e:
+        prep.load_recipe(recipe)
+    assert e.value.field == "name" and e.value.file == str(recipe)
+    data = tmp_path / "d" / "data"
+    assert prepare_cli(recipe, data) == 2
+    assert "field 'name'" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "d").exists() or not list((tmp_path / "d").rglob("*escaped*"))
+
+
+@pytest.mark.parametrize("params, field", [('{ path = 3 }', "train[1].params.path"),
+                                           ('{ path = "identity_conversations.jsonl", pth = "x" }',
+                                            "train[1].params.pth")])
+def test_task_parameter_errors_name_the_recipe_file_and_dotted_field(tmp_path, params, field):
+    train = f"""
+[[train]]
+kind = "smoltalk"
+params = {{ split = "train" }}
+
+[[train]]
+kind = "customjson"
+name = "identity"
+params = {params}
+"""
+    recipe = write_recipe(tmp_path, train=train)
+    with pytest.raises(RecipeError) as e:
+        prep.load_recipe(recipe)
+    assert e.value.file == str(recipe) and e.value.field == field, str(e.value)
+    assert str(recipe) in str(e.value) and field in str(e.value)
+
+
+def test_invalid_utf8_on_line_20_is_skipped_with_its_line_number(base, tmp_path):
+    data = fresh(base, tmp_path)
+    src = chat_jsonl(data / "mychat.jsonl", 30, {20: b'{"messages": "\xff\xfe"}'})
+    recipe = write_recipe(tmp_path / "r", bad_rows="skip", train=CHAT.format(path=src.name), val=VAL)
+    snap = build(recipe, data)
+    mine = next(t for t in load_manifest(snap)["stats"]["tasks"] if t["name"] == "mychat")
+    assert mine["bad"] == 1 and mine["conversations"] == 30 and mine["packed"] == 29
+    skipped = load_manifest(snap)["stats"]["skipped_examples"]
+    assert any("row 20" in e and "UTF-8" in e and "line 20" in e for e in skipped), skipped
+
+    recipe = write_recipe(tmp_path / "f", bad_rows="fail", train=CHAT.format(path=src.name), val=VAL)
+    with pytest.raises(DataError) as e:
+        build(recipe, data)
+    assert e.value.row == 20 and e.value.file == str(src.resolve()) and "UTF-8" in str(e.value)
+
+
+def test_an_empty_source_file_is_refused_under_fail_and_reported_under_skip(base, tmp_path):
+    data = fresh(base, tmp_path)
+    src = data / "empty.jsonl"
+    src.write_bytes(b"")
+    recipe = write_recipe(tmp_path / "f", train=CHAT.format(path=src.name), val=VAL)
+    with pytest.raises(DataError) as e:
+        build(recipe, data)
+    assert str(src.resolve()) in str(e.value) and e.value.task == "mychat" and e.value.field == "train[0]"
+
+    recipe = write_recipe(tmp_path / "s", bad_rows="skip", train=CHAT.format(path=src.name), val=VAL)
+    out = io.StringIO()
+    prepare(recipe, data, 1, out=out)
+    assert f"warning: task mychat: no conversation: its source file(s) {src.resolve()}" in out.getvalue()
+
+    alone = CHAT.format(path=src.name).split("[[train]]\nkind = \"simplespelling\"")[0]
+    recipe = write_recipe(tmp_path / "a", bad_rows="skip", train=alone, val=VAL)
+    with pytest.raises(DataError, match="no conversation left to pack; empty task\\(s\\): mychat") as e:
+        build(recipe, data)
+    assert str(src.resolve()) in str(e.value)
