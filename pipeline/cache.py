@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.cli import with_path
 from pipeline.errors import DataError
 from pipeline.manifest import canonical_json
 from pipeline.recipe import TaskSpec
@@ -203,6 +204,8 @@ class RenderPool:
             except OSError:  # another process published the same key first: identical bytes, use theirs
                 if not (final / "info.json").is_file():
                     raise
+        except OSError as e:  # a full disk while writing the cache: name the folder
+            raise with_path(e, tmp) from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return load_rendered(final)

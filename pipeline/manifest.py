@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.cli import with_path
 from pipeline.errors import SnapshotError
 from pipeline.shard_format import FORMAT_VERSION, ShardReader
 
@@ -83,10 +84,14 @@ def manifest_identity(manifest: dict[str, Any]) -> dict[str, Any]:
 def write_json_atomic(path: Path, value: Any) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk: the error names the file, no half file stays
+        tmp.unlink(missing_ok=True)
+        raise with_path(e, path) from None
 
 
 def load_manifest(snapshot: str | Path) -> dict[str, Any]:
