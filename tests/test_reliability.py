@@ -20,11 +20,9 @@ import pytest
 import zstandard
 
 import pipeline.prepare as prep
-from pipeline.cli import describe_os_error, run_cli
 from pipeline.errors import DataError, RecipeError, SnapshotError
 from pipeline.manifest import load_manifest, sha256_file, verify_snapshot
 from pipeline.prepare import prepare
-from pipeline.tempfiles import remove_stale_temps
 
 from tests.recipes import write_recipe
 
@@ -116,7 +114,11 @@ def test_ctrl_c_in_tokenizer_training_or_shard_writing_is_one_line(base, tmp_pat
         raise KeyboardInterrupt
     monkeypatch.setattr(prep, stage, interrupted)
     monkeypatch.setattr(signal, "signal", lambda *a: None)  # keep pytest's own SIGINT handler
-    assert prep.main(["--recipe", str(base.recipe), "--data-dir", str(data), "--workers", "1"]) == 130
+    try:
+        code = prep.main(["--recipe", str(base.recipe), "--data-dir", str(data), "--workers", "1"])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main() as a traceback")
+    assert code == 130
     assert capsys.readouterr().err.splitlines()[-1:] == ["interrupted; nothing was published"]
     assert not list(data.rglob("*.tmp-*")) and not list(data.rglob("manifest.json"))
 
@@ -163,6 +165,7 @@ def test_a_snapshot_published_meanwhile_by_another_process_counts_as_success(bas
 
 
 def test_stale_temps_of_dead_processes_go_and_live_ones_stay(tmp_path):
+    from pipeline.tempfiles import remove_stale_temps
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         dead = dead_pid()
@@ -214,6 +217,7 @@ def test_disk_full_during_prepare_is_one_line_and_publishes_nothing(base, tmp_pa
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
 def test_a_real_full_disk_under_pyarrow_names_the_shard(base, tmp_path, monkeypatch):
+    from pipeline.cli import describe_os_error
     import pyarrow as pa
     from pipeline.shard_format import ShardReader, ShardRows, write_shard
     shard = ShardReader(sorted(base.snap.glob("train-*.arrow"))[0])
@@ -230,6 +234,7 @@ def test_a_real_full_disk_under_pyarrow_names_the_shard(base, tmp_path, monkeypa
 
 
 def test_os_errors_without_a_file_name_still_read_as_one_line():
+    from pipeline.cli import describe_os_error, run_cli
     e = OSError("[Errno 28] Error writing bytes to file. Detail: [errno 28] No space left on device\nmore")
     assert describe_os_error(e).count("\n") == 0 and "No space left" in describe_os_error(e)
     assert run_cli(lambda: (_ for _ in ()).throw(e)) == 2

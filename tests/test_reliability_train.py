@@ -86,7 +86,11 @@ def test_ctrl_c_during_training_is_one_line_and_exit_130(snap, base, monkeypatch
         return real(*a, **k)
     monkeypatch.setattr(train_mod, "forward_backward", interrupted)
     monkeypatch.setattr(signal, "signal", lambda *a: None)  # keep pytest's own SIGINT handler
-    assert train_mod.main(args(snap, "--num-iterations", 4)) == 130
+    try:
+        code = train_mod.main(args(snap, "--num-iterations", 4))
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main() as a traceback")
+    assert code == 130
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == "interrupted; nothing was published after the last saved checkpoint", err
     assert "Traceback" not in err
