@@ -198,6 +198,7 @@ def test_stale_checkpoint_temps_of_dead_processes_are_removed(tmp_path):
              tmp_path / f".meta_000001.json.tmp-{pid}"]
     for p in stale:
         p.write_bytes(b"half")
+    train_mod.check_writable(tmp_path)  # what a run does first
     save_checkpoint(tmp_path, 2, {"w": torch.zeros(1)}, {"s": torch.zeros(1)}, {"step": 2}, rank=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["meta_000002.json", "model_000002.pt",
                                                           "optim_000002_rank0.pt"]

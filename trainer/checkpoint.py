@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from pipeline.tempfiles import remove_stale_temps
 from trainer.config import GPTConfig
 
 PHASE_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
@@ -71,7 +70,6 @@ def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict | None, optim_s
     """Rank 0 writes model and meta; every rank writes its optimizer shard. Meta goes last: it marks completion
     (in a distributed run only after every rank's shard is on disk)."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(ckpt_dir)  # .model_/.optim_/.meta_*.tmp-PID of a save that was killed before its rename
     if optim_state is not None:
         _atomic_save(optim_state, ckpt_dir / f"optim_{step:06d}_rank{rank}.pt")
     if rank == 0 and model_state is not None:

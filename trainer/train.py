@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.cli import run_cli
+from pipeline.tempfiles import remove_stale_temps
 from pipeline.manifest import latest_snapshot, shard_paths, verify_snapshot
 from pipeline.shard_format import SplitReader
 from pipeline.tokenizer import load_tokenizer
@@ -427,12 +428,16 @@ def rewrite_metrics(path: Path, start_step: int) -> list[dict]:
 
 
 def check_writable(folder: Path) -> None:
-    """Create the checkpoint folder and write a probe file in it, or say why not (before any training)."""
+    """Create the checkpoint folder and write a probe file in it, or say why not (before any training);
+    remove the temps of killed saves."""
     probe = folder / f".write-probe.tmp-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()
+        # .model_/.optim_/.meta_*.tmp-PID of a save killed before its rename: removed here, at the start, on
+        # rank 0 only (a pid of another node's rank cannot be checked from this one, so never during saves)
+        remove_stale_temps(folder)
     except OSError as e:
         raise TrainError(f"checkpoint folder {folder} is not writable ({e.strerror or e}); set NANOCHAT_BASE_DIR "
                          "or --data-dir to a writable place, or pass --out-tag") from None
