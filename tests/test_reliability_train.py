@@ -176,7 +176,7 @@ def test_damaged_checkpoint_on_resume_names_the_file(snap, trained, base, capsys
     ckpt = with_checkpoint(trained, base)
     target = ckpt / ("meta_000002.json" if damage.endswith("meta") else "model_000002.pt")
     raw = target.read_bytes()
-    target.write_bytes(pickle.dumps(os.system) if damage.startswith("hostile") else raw[: len(raw) // 2])
+    target.write_bytes(pickle.dumps(os.system, protocol=2) if damage.startswith("hostile") else raw[: len(raw) // 2])
     assert train_mod.main(args(snap, "--num-iterations", 4, "--resume")) == 2
     assert str(target) in one_error_line(capsys.readouterr().err)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -106,9 +107,12 @@ def _torch_load(path: Path, device) -> Any:
     """weights_only load whose failures (hostile pickle, truncated zip) name the file, in one line."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError, ...: all mean an unusable file
-        raise CheckpointError(f"cannot load {path}: {_first_line(e)} (truncated, damaged, or "
-                              "holding objects other than tensors)") from None
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"cannot load {path}: it holds objects other than tensors (a pickle that could run "
+                              "code), refused; use a checkpoint written by nanochat or nanosft") from None
+    except Exception as e:  # RuntimeError (zip), EOFError, ...: an unusable file
+        raise CheckpointError(f"cannot load {path}: {_first_line(e)} (truncated or damaged; delete this step's "
+                              "files to fall back to the previous checkpoint)") from None
 
 
 def load_model_state(ckpt_dir: Path, step: int, device: torch.device) -> dict[str, torch.Tensor]:
