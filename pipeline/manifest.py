@@ -132,8 +132,11 @@ def _check_shard_rows(path: Path, entry: dict[str, Any], manifest: dict[str, Any
     if shard.num_rows != entry["rows"]:
         raise SnapshotError(f"{shard.num_rows} rows, manifest says {entry['rows']}", file=path)
     n_sup = shard.mask.sum(axis=1, dtype=np.int64)
-    if not np.array_equal(n_sup, shard.n_supervised) or (shard.num_rows and n_sup.min() <= 0):
-        raise SnapshotError("n_supervised does not match the mask, or a row has no supervised target", file=path)
+    if not np.array_equal(n_sup, shard.n_supervised):
+        raise SnapshotError("n_supervised does not match the mask", file=path)
+    if shard.num_rows and n_sup.min() <= 0 and manifest["recipe"].get("overlong") != "nanochat":
+        raise SnapshotError(f"row {int(np.argmin(n_sup))} has no supervised target (allowed only in "
+                            "overlong = 'nanochat' snapshots)", file=path)
     if shard.mask[:, 0].any():
         raise SnapshotError("mask is set at position 0 (never a target)", file=path)
     fill = np.add.reduceat(shard.doc_lens, shard.doc_offsets[:-1]) if len(shard.doc_lens) else np.zeros(0)

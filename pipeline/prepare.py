@@ -29,7 +29,7 @@ from pipeline.manifest import (MANIFEST_NAME, SPLITS, TOKENIZER_NAME, compare_lo
 from pipeline.mixture import mixture_order
 from pipeline.pack import PackPlan, lower_bound_rows, pack
 from pipeline.recipe import Recipe, TaskSpec, load_recipe, resolve_recipe_path
-from pipeline.render import TEMPLATE_VERSION
+from pipeline.render import NANOCHAT_MAX_TOKENS, TEMPLATE_VERSION
 from pipeline.shard_format import FORMAT_VERSION, ShardMeta, ShardRows, shard_filename, token_dtype, write_shard
 from pipeline.tasks import build_task
 from pipeline.tokenizer import ChatTokenizer, load_tokenizer, save_tokenizer, train_tokenizer
@@ -111,28 +111,31 @@ def split_docs(recipe: Recipe, split: str, table: list[tuple[str, TaskSpec]], re
     task = entry_task[entry]
     full = np.zeros(len(order), dtype=np.int64)
     keep = np.ones(len(order), dtype=bool)
-    cap = recipe.row_capacity
+    nanochat = recipe.overlong == "nanochat"
+    cut = min(recipe.row_capacity, NANOCHAT_MAX_TOKENS) if nanochat else recipe.row_capacity
     for t in np.unique(task):
         sel = np.nonzero(task == t)[0]
         r = rendered[int(t)]
         c = counts[int(t)]
         n_full = r.lengths[local[sel]]
         bad = r.bad[local[sel]]
-        long = (n_full > cap) & ~bad
-        length = np.minimum(n_full, cap)
+        long = (n_full > cut) & ~bad
+        length = np.minimum(n_full, cut)
         if recipe.mask_policy == "all":
             sup = length - 1
         else:
             sup = r.supervised_after_first(local[sel], length)
         dropped_long = long if recipe.overlong == "drop" else np.zeros_like(long)
         empty = (sup <= 0) & ~bad & ~dropped_long
-        keep[sel] = ~(bad | dropped_long | empty)
+        kept_empty = empty if nanochat else np.zeros_like(empty)  # upstream keeps them: rows stay aligned
+        keep[sel] = ~(bad | dropped_long | (empty & ~kept_empty))
         full[sel] = length
         c["conversations"] += len(sel)
         c["bad"] += int(bad.sum())
         c["truncated"] += int((long & ~dropped_long).sum())
         c["dropped_long"] += int(dropped_long.sum())
-        c["dropped_unsupervised"] += int(empty.sum())
+        c["dropped_unsupervised"] += int((empty & ~kept_empty).sum())
+        c["kept_unsupervised"] += int(kept_empty.sum())
     pos = np.nonzero(keep)[0]
     return SplitDocs(entry=entry[pos], task=task[pos], local=local[pos], mixture_pos=pos.astype(np.int64),
                      length=full[pos])
@@ -203,17 +206,19 @@ def write_split(folder: Path, split: str, recipe: Recipe, tok: ChatTokenizer, do
         r0, r1 = s * recipe.rows_per_shard, min((s + 1) * recipe.rows_per_shard, plan.n_rows)
         rows = materialize(docs, plan, r0, r1, rendered, recipe.row_capacity, tok.bos_id, dtype, recipe.mask_policy)
         name = shard_filename(split, s, n_shards)
-        nbytes = write_shard(folder / name, rows, meta)
+        nbytes = write_shard(folder / name, rows, meta, allow_unsupervised=recipe.overlong == "nanochat")
         np.add.at(sup_by_task, rows.doc_tasks.astype(np.int64), doc_supervised(rows))
         entries.append({"file": name, "split": split, "rows": r1 - r0, "bytes": nbytes,
                         "tokens": int(rows.doc_lens.sum()), "supervised": int(rows.n_supervised.sum()),
+                        "unsupervised_rows": int((rows.n_supervised == 0).sum()),
                         "sha256": sha256_file(folder / name)})
     return entries
 
 
 # ----------------------------------------------------------------------------- report
 
-def summarize(name: str, plan: PackPlan, docs: SplitDocs, rows_sup: int, row_len: int) -> dict[str, Any]:
+def summarize(name: str, plan: PackPlan, docs: SplitDocs, entries: list[dict[str, Any]], row_len: int) -> dict[str, Any]:
+    rows_sup = sum(e["supervised"] for e in entries)
     tokens = int(docs.length.sum())
     rows = plan.n_rows
     lb = lower_bound_rows(docs.length, row_len)
@@ -224,6 +229,7 @@ def summarize(name: str, plan: PackPlan, docs: SplitDocs, rows_sup: int, row_len
         "lower_bound_rows": lb,
         "lower_bound_pad_fraction": (lb * row_len - tokens) / (lb * row_len) if lb else 0.0,
         "supervised_fraction": rows_sup / slots if slots else 0.0,
+        "unsupervised_rows": sum(e["unsupervised_rows"] for e in entries),  # > 0 only with overlong = "nanochat"
     }
 
 
@@ -256,6 +262,9 @@ def print_report(stats: pl.DataFrame, splits: list[dict[str, Any]], errors: list
         print(f"{s['split']:5}: {s['rows']:,} rows, {s['tokens']:,} tokens, padding {100 * s['pad_fraction']:.3f}% "
               f"(lower bound {s['lower_bound_rows']:,} rows = {100 * s['lower_bound_pad_fraction']:.3f}%), "
               f"supervised {100 * s['supervised_fraction']:.1f}% of slots", file=out)
+        if s["unsupervised_rows"]:
+            print(f"{s['split']:5}: {s['unsupervised_rows']:,} rows with no supervised target, kept as nanochat "
+                  "keeps them (overlong = 'nanochat'); the trainer skips a step that has no target", file=out)
     for e in errors[:REPORT_ERRORS]:
         print(f"skipped: {e}", file=out)
 
@@ -318,7 +327,7 @@ def prepare(recipe_file: Path, data_dir: Path, workers: int, update_lock: bool =
             hashes = sorted(content_by_path[str(Path(p).resolve())] for p in task.inputs())
             rendered[i] = renderer.render(i, cache_key(spec, hashes, tok.fingerprint), cache_root)
             counts[i] = {"conversations": 0, "bad": 0, "truncated": 0, "dropped_long": 0,
-                         "dropped_unsupervised": 0}
+                         "dropped_unsupervised": 0, "kept_unsupervised": 0}
             bad = rendered[i].errors
             if bad and recipe.bad_rows == "fail":
                 first = bad[0]
@@ -345,8 +354,7 @@ def prepare(recipe_file: Path, data_dir: Path, workers: int, update_lock: bool =
             plan = pack(docs.length, recipe.row_capacity, recipe.packing.method, **recipe.packing.options)
             entries = write_split(tmp, split, recipe, tok, docs, plan, rendered, sup_by_task)
             shard_entries += entries
-            split_summaries.append(summarize(split, plan, docs, sum(e["supervised"] for e in entries),
-                                             recipe.row_capacity))
+            split_summaries.append(summarize(split, plan, docs, entries, recipe.row_capacity))
         stats = task_stats(table, counts, docs_by_split, sup_by_task)
         manifest = {
             "format_version": FORMAT_VERSION,

@@ -34,7 +34,14 @@ class TaskSpec:
 
 
 MASK_POLICIES = ("assistant", "all")
-OVERLONG_POLICIES = ("truncate", "drop")
+# What happens to a conversation that does not fit a row, or has no target left once cut to it:
+# - truncate: cut it to the row (max_seq_len + 1 tokens); drop it if no supervised target is left (the default).
+# - drop: drop every conversation longer than a row.
+# - nanochat: upstream's loader, for `bestfit-seed` parity: cut at render time to nanochat's
+#   render_conversation default of 2048 tokens whatever the row size, then to the row (upstream's crop fix
+#   68894d6), and keep every conversation, even one left with no supervised target (such rows are allowed and
+#   counted; the trainer skips a step that has no target at all).
+OVERLONG_POLICIES = ("truncate", "drop", "nanochat")
 BAD_ROW_POLICIES = ("fail", "skip")
 PACKERS = ("bestfit-seed", "bestfit", "bfd-shuffle", "bfd-blocks")
 TOKENIZER_SOURCES = ("file", "train")

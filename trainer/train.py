@@ -199,7 +199,7 @@ def forward_backward(step_model, batch: StepBatch, grad_accum: int, world: int, 
         x, y, docs = batch.micro(m)
         loss_sum = step_model(x, y, loss_reduction="sum", doc_ids=docs)
         if loss_norm == "token":
-            loss = loss_sum * world / batch.n_supervised
+            loss = loss_sum * world / max(batch.n_supervised, 1)  # 0 targets: loss_sum is 0, no 0/0
         else:
             loss = loss_sum / (y >= 0).sum().clamp(min=1) / grad_accum
         loss.backward()
@@ -348,6 +348,13 @@ def train(args) -> int:
                 run_chatcore(step)
             t0 = time.time()
             batch = loader.next()
+            if batch.n_supervised == 0:  # only an overlong = "nanochat" snapshot has target-free rows (upstream's)
+                print0(f"step {step + 1:05d}/{num_steps} | skipped: its rows hold no supervised target "
+                       "(no forward, no optimizer step; the schedule goes on)")
+                log({"step": step + 1, "skipped": "no supervised target", "supervised": 0})
+                if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < stop_at:
+                    save(step + 1, val_bpb)
+                continue
             step_loss = forward_backward(step_model, batch, grad_accum, world, args.loss_norm)
             if ddp:
                 dist.all_reduce(step_loss)
