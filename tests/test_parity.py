@@ -369,3 +369,36 @@ def real_data_dir(tmp_path_factory, tok) -> Path:
     (root / "data" / "gsm8k_multi.jsonl").write_text("".join(lines))
     _real_root.append(root)
     return root
+
+
+def test_target_free_rows_only_in_nanochat_snapshots(syn, tmp_path):
+    """The contract's exception is recorded in the manifest: the same rows under another policy fail verify."""
+    import shutil
+
+    from pipeline.errors import SnapshotError
+    from pipeline.manifest import write_json_atomic
+    root, data, train, val = syn
+    recipe = write_parity_recipe(root / "r", max_seq_len=512, mask_policy="assistant", overlong="nanochat",
+                                 train=train, val=val)
+    snap = build(recipe, data)
+    assert next(s for s in load_manifest(snap)["stats"]["splits"] if s["split"] == "train")["unsupervised_rows"] > 0
+    copy = tmp_path / snap.name
+    shutil.copytree(snap, copy)
+    m = load_manifest(copy)
+    m["recipe"]["overlong"] = "truncate"
+    write_json_atomic(copy / "manifest.json", m)
+    verify_snapshot(copy, full=False)
+    with pytest.raises(SnapshotError, match=r"row \d+ has no supervised target \(allowed only in overlong = "
+                                            "'nanochat' snapshots\\)"):
+        verify_snapshot(copy, full=True)
+
+
+def test_recipe_field():
+    from pipeline.errors import RecipeError
+    from pipeline.recipe import parse_recipe
+    base = {"name": "x", "max_seq_len": 8, "tokenizer": {"source": "file"}, "train": [{"kind": "gsm8k"}],
+            "val": [{"kind": "gsm8k"}]}
+    assert parse_recipe({**base, "overlong": "nanochat"}).overlong == "nanochat"
+    assert parse_recipe(base).overlong == "truncate"
+    with pytest.raises(RecipeError, match="overlong.*one of truncate, drop, nanochat"):
+        parse_recipe({**base, "overlong": "upstream"})

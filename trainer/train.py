@@ -199,7 +199,7 @@ def forward_backward(step_model, batch: StepBatch, grad_accum: int, world: int, 
         x, y, docs = batch.micro(m)
         loss_sum = step_model(x, y, loss_reduction="sum", doc_ids=docs)
         if loss_norm == "token":
-            loss = loss_sum * world / max(batch.n_supervised, 1)  # 0 targets: loss_sum is 0, no 0/0
+            loss = loss_sum * world / batch.n_supervised
         else:
             loss = loss_sum / (y >= 0).sum().clamp(min=1) / grad_accum
         loss.backward()
