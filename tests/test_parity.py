@@ -98,14 +98,16 @@ def upstream_loader(dataset, tok, B, T, use_mask):
         yield inputs, targets, docs
 
 
-def reference_rows(dataset, tok, T, use_mask, max_rows):
-    """Upstream's rows up to the first one that holds a conversation of its second pass (where our one-pass
-    stream ends and the last buffer drains instead): [(tokens (T+1,), targets (T,), [indices])]."""
+def reference_rows(dataset, tok, T, use_mask, max_rows, B=3):
+    """Upstream's rows, micro-batch after micro-batch, up to the first one that holds a conversation of its
+    second pass (where our one-pass stream ends and the last buffer drains instead):
+    [(inputs (T,), targets (T,), [conversation indices])]. The rows do not depend on B."""
     out = []
-    for inputs, targets, docs in upstream_loader(dataset, tok, 1, T, use_mask):
-        if any(e > 1 for _, e in docs[0]) or len(out) == max_rows:
-            return out
-        out.append((inputs[0], targets[0], [i for i, _ in docs[0]]))
+    for inputs, targets, docs in upstream_loader(dataset, tok, B, T, use_mask):
+        for x, y, d in zip(inputs, targets, docs):
+            if any(e > 1 for _, e in d) or len(out) == max_rows:
+                return out
+            out.append((x, y, [i for i, _ in d]))
 
 
 # ----------------------------------------------------------------------------- builds
@@ -167,8 +169,8 @@ def first_difference(ours, ref) -> int | None:
     return None
 
 
-def assert_parity(snap: Path, dataset, tok, T: int, mask_policy: str, min_rows: int) -> list:
-    ours = snapshot_rows(snap)
+def assert_parity(snap: Path, dataset, tok, T: int, mask_policy: str, min_rows: int, split: str = "train") -> list:
+    ours = snapshot_rows(snap, split)
     ref = reference_rows(dataset, tok, T, mask_policy == "assistant", len(ours))
     assert len(ref) >= min_rows, f"only {len(ref)} rows before upstream's buffer reads its second pass"
     assert len(ours) >= len(ref)
@@ -341,6 +343,8 @@ start = 7000
     snap = build(recipe, data)
     dataset = mixture_conversations(recipe, data)
     assert_parity(snap, dataset, tiny_tokenizer, T, mask_policy, min_rows=200 if T == 2048 else 500)
+    assert_parity(snap, mixture_conversations(recipe, data, "val"), tiny_tokenizer, T, mask_policy, min_rows=40,
+                  split="val")  # the val loader is the same generator over the val mixture
     tasks = {t["name"]: t for t in load_manifest(snap)["stats"]["tasks"] if t["split"] == "train"}
     assert tasks["gsm8k-multi"]["truncated"] > 0
     if mask_policy == "assistant":
