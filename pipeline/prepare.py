@@ -217,7 +217,8 @@ def write_split(folder: Path, split: str, recipe: Recipe, tok: ChatTokenizer, do
 
 # ----------------------------------------------------------------------------- report
 
-def summarize(name: str, plan: PackPlan, docs: SplitDocs, entries: list[dict[str, Any]], row_len: int) -> dict[str, Any]:
+def summarize(name: str, plan: PackPlan, docs: SplitDocs, entries: list[dict[str, Any]],
+              row_len: int) -> dict[str, Any]:
     rows_sup = sum(e["supervised"] for e in entries)
     tokens = int(docs.length.sum())
     rows = plan.n_rows

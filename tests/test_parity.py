@@ -201,7 +201,8 @@ def synthetic_conversations(tok, seed: int = 0, n: int = 360) -> list[dict]:
         elif kind == 3:  # multi-turn, cut in a later turn
             msgs = [(r, words(rng, int(rng.integers(20, 250)))) for r in ["user", "assistant"] * 6]
         else:
-            msgs = [("user", words(rng, int(rng.integers(3, 60)))), ("assistant", words(rng, int(rng.integers(3, 120))))]
+            msgs = [("user", words(rng, int(rng.integers(3, 60)))),
+                    ("assistant", words(rng, int(rng.integers(3, 120))))]
         out.append({"messages": [{"role": r, "content": c} for r, c in msgs]})
     out[5] = exactly(tok, 2049, rng)
     out[17] = exactly(tok, 2048, rng)
@@ -250,7 +251,7 @@ def syn(tmp_path_factory, tiny_tokenizer):
 
 
 def test_synthetic_set_has_the_cases(syn, tiny_tokenizer):
-    root, data, train, _ = syn
+    _, data, _, _ = syn
     dataset = [json.loads(line) for line in (data / "syn.jsonl").read_text().splitlines()]
     rendered = [render_conversation(c, tiny_tokenizer) for c in dataset]
     lengths = np.array([len(ids) for ids, _ in rendered])
@@ -365,7 +366,8 @@ def real_data_dir(tmp_path_factory, tok) -> Path:
     qa = list(zip(table["question"], table["answer"]))[6000:6400]
     lines = []
     for i in range(0, 200, 8):  # every problem, one after the other, answered in turn: over 2048 tokens
-        msgs = [m for q, a in qa[i:i + 8] for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+        msgs = [m for q, a in qa[i:i + 8]
+                for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
         lines.append(json.dumps({"messages": msgs}) + "\n")
     for i in range(200, 400, 16):  # sixteen questions in one prompt, then one answer: no target survives the cut
         msgs = [{"role": "user", "content": "\n\n".join(q for q, _ in qa[i:i + 16])},
