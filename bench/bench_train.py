@@ -191,6 +191,44 @@ def bench_config(name: str, reader: SplitReader, args, device) -> dict:
     return res
 
 
+def ab_config(name: str, reader: SplitReader, args, device) -> list[dict]:
+    """Whole-step A/B of FlexAttention kernel options: one compiled model per variant in this process, timed in
+    interleaved rounds (resident batch), so that the card's clock state hits every variant alike."""
+    depth, experts = CONFIGS[name]
+    T, B = reader.meta.max_seq_len, args.batch
+    variants = json.loads(args.variants)
+    loader = StepLoader(reader, RowSchedule(reader.num_rows, B), rank=0, world_size=1, grad_accum=1, device_batch=B,
+                        device=device, start_step=0)
+    batch = loader.next()
+    loader.close()
+    runs = []
+    for opts in variants:
+        model_module.FLEX_KERNEL_OPTIONS = opts
+        model = build(depth, experts, T, reader.meta.vocab_size, device)
+        opt = MuonAdamW(model.setup_optimizer())
+        step_model = torch.compile(model, dynamic=False)
+        flops = model.estimate_flops()
+
+        def step(step_model=step_model, model=model, opt=opt):
+            forward_backward(step_model, batch, 1, 1, "token")
+            optimizer_step(model, opt, 1.0, 0.95)
+        time_steps(step, args.warmup)
+        runs.append((opts, step, []))
+    peak = get_peak_flops(torch.cuda.get_device_name(device))
+    for _ in range(args.rounds):
+        for opts, step, times in runs:
+            model_module.FLEX_KERNEL_OPTIONS = opts
+            times += time_steps(step, args.steps)
+    out = []
+    for opts, _, times in runs:
+        ms = 1e3 * statistics.median(times)
+        out.append({"config": name, "flex": opts, "ms": ms, "mfu": 100 * flops * B * T / (ms / 1e3) / peak,
+                    "spread": (max(times) - min(times)) / statistics.median(times)})
+        print(f"A/B {name} flex={opts}: {ms:.1f} ms, MFU {out[-1]['mfu']:.1f} %, spread {out[-1]['spread']:.3f}",
+              flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", default="d12,d12-moe,d20,d20-moe")
@@ -205,6 +243,9 @@ def main() -> int:
     ap.add_argument("--flex-opts", default=None, help="JSON kernel_options for FlexAttention (training path)")
     ap.add_argument("--inductor", default="", help="comma list of torch._inductor.config key=value to try")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--variants", default=None,
+                    help="JSON list of flex kernel_options (null = defaults): whole-step A/B in one process")
+    ap.add_argument("--rounds", type=int, default=4, help="with --variants: interleaved rounds of --steps each")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_train needs a CUDA GPU (run it through the device tool)")
@@ -221,6 +262,11 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         reader = synthetic_snapshot(Path(tmp), args.rows, args.seq_len, args.vocab)
+        if args.variants:
+            ab = [r for name in args.configs.split(",") for r in ab_config(name, reader, args, device)]
+            if args.json:
+                Path(args.json).write_text(json.dumps(ab, indent=1))
+            return 0
         for name in args.configs.split(","):
             try:
                 r = bench_config(name, reader, args, device)
