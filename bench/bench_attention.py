@@ -25,6 +25,7 @@ from trainer.model import _window_mod  # noqa: E402
 CANDIDATES = {
     "defaults": None,
     "defaults again": None,  # the same version twice: the spread between them is the noise
+    "safe": {"ROWS_GUARANTEED_SAFE": True},
     "safe+contiguous": {"ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": True},
     "tma": {"USE_TMA": True},
     "safe+contiguous+tma": {"ROWS_GUARANTEED_SAFE": True, "BLOCKS_ARE_CONTIGUOUS": True, "USE_TMA": True},
@@ -51,6 +52,7 @@ def main() -> int:
     dev = torch.device("cuda")
     B, H, T, D = args.batch, args.heads, args.seq_len, args.head_dim
     short = -(-T // 4 // 128) * 128
+    torch._dynamo.config.recompile_limit = 64  # one graph per (candidate, window)
     flex = torch.compile(flex_attention, dynamic=False)
     names = args.candidates.split(",")
     q, k, v = (torch.randn(B, H, T, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -75,7 +77,13 @@ def main() -> int:
             if ref[left] is None:
                 ref[left] = out
             err = (out - ref[left]).abs().max().item()
-            print(f"compiled {name:22s} window {left:5d}: max |out - defaults| {err:.2e}")
+            finite = bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(t.grad).all()) for t in (q, k, v))
+            print(f"compiled {name:22s} window {left:5d}: max |out - defaults| {err:.2e}"
+                  f"{'' if finite else '  NOT FINITE: rejected'}")
+            if not finite:  # a wrong kernel is not a candidate (and NaN data changes power draw, hence clocks)
+                failed.add(name)
+            for t in (q, k, v):
+                t.grad = None
     times = {(n, left): [] for n in names for left in masks}
     for _ in range(args.rounds):
         for name in names:

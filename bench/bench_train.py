@@ -161,12 +161,14 @@ def bench_config(name: str, reader: SplitReader, args, device) -> dict:
     resident = loader.next()
 
     def resident_step():
-        forward_backward(step_model, resident, 1, 1, "token")
+        loss = forward_backward(step_model, resident, 1, 1, "token")
         optimizer_step(model, opt, 1.0, 0.95)
+        return loss
 
     t0 = time.time()
     time_steps(loader_step, args.warmup)
     compile_s = time.time() - t0
+    require_finite(resident_step(), name)
     # interleave the two modes in blocks so clock drift hits both alike
     a, b = [], []
     for _ in range(2):
@@ -191,6 +193,12 @@ def bench_config(name: str, reader: SplitReader, args, device) -> dict:
     return res
 
 
+def require_finite(loss: torch.Tensor, what: str) -> None:
+    """A variant that computes NaN is wrong, and looks fast: NaN data draws less power, so the card clocks higher."""
+    if not torch.isfinite(loss).item():
+        raise SystemExit(f"{what}: the loss is not finite; a wrong result is not a speed-up")
+
+
 def ab_config(name: str, reader: SplitReader, args, device) -> list[dict]:
     """Whole-step A/B of FlexAttention kernel options: one compiled model per variant in this process, timed in
     interleaved rounds (resident batch), so that the card's clock state hits every variant alike."""
@@ -210,9 +218,11 @@ def ab_config(name: str, reader: SplitReader, args, device) -> list[dict]:
         flops = model.estimate_flops()
 
         def step(step_model=step_model, model=model, opt=opt):
-            forward_backward(step_model, batch, 1, 1, "token")
+            loss = forward_backward(step_model, batch, 1, 1, "token")
             optimizer_step(model, opt, 1.0, 0.95)
+            return loss
         time_steps(step, args.warmup)
+        require_finite(step(), f"{name} flex={opts}")
         runs.append((opts, step, []))
     peak = get_peak_flops(torch.cuda.get_device_name(device))
     for _ in range(args.rounds):
