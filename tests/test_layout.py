@@ -151,3 +151,21 @@ def test_a_snapshot_in_the_old_layout_is_pointed_at(tmp_path):
     with pytest.raises(SnapshotError, match="old layout") as e:
         latest_snapshot(tmp_path, "demo")
     assert str(snapshots_dir(tmp_path)) in str(e.value)
+
+
+def test_the_trainer_says_which_base_dir_it_uses_and_why(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+    from trainer.train import describe_base_dir
+    data, nc = tmp_path / "data", tmp_path / "nc"
+    monkeypatch.delenv("NANOCHAT_BASE_DIR", raising=False)
+    line = describe_base_dir(SimpleNamespace(data_dir=data, data_dir_given=True))
+    assert line.startswith(f"base dir {data} (--data-dir; NANOCHAT_BASE_DIR is not set)")
+    assert f"base checkpoints from {data / 'base_checkpoints'}" in line
+    assert f"SFT checkpoints to {data / 'chatsft_checkpoints'}" in line
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(nc))
+    line = describe_base_dir(SimpleNamespace(data_dir=data, data_dir_given=True))
+    assert line.startswith(f"base dir {nc} (NANOCHAT_BASE_DIR is set and overrides --data-dir {data}")
+    assert f"SFT checkpoints to {nc / 'chatsft_checkpoints'}" in line
+    assert describe_base_dir(SimpleNamespace(data_dir=nc, data_dir_given=False)).startswith(
+        f"base dir {nc} (NANOCHAT_BASE_DIR)")
+    assert "the same folder as --data-dir" in describe_base_dir(SimpleNamespace(data_dir=nc, data_dir_given=True))
