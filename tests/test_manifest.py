@@ -197,6 +197,8 @@ def test_verify_finds_the_newest_snapshot_of_a_recipe(snap, tmp_path, capsys):
     assert str(snap) in capsys.readouterr().out
     assert verify.main(["--recipe", "other", "--data-dir", str(data)]) == 1
     assert "no snapshot of recipe 'other'" in capsys.readouterr().err
+    assert inspect_cli.main(["--recipe", "tiny", "--data-dir", str(data), "--stats"]) == 0  # inspect finds it too
+    assert inspect_cli.main(["--recipe", "other", "--data-dir", str(data)]) == 1
 
 
 # ----------------------------------------------------------------------------- ids and locks
