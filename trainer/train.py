@@ -222,17 +222,19 @@ def claim_output(out_dir: Path, args, master: bool, ddp: bool) -> None:
     if args.resume and args.overwrite:
         raise TrainError(f"--resume continues the run in {out_dir}, --overwrite replaces it: pass one of them")
     found = run_files(out_dir)
-    if args.resume or not found:
+    if args.resume:
         return
-    if not args.overwrite:
+    if found and not args.overwrite:
         raise TrainError(f"{out_dir} already holds a run ({len(found)} files, e.g. {found[-1].name}): continue it "
                          "with --resume, start another beside it with --out-tag NAME, or replace it with --overwrite")
-    if master:
-        for p in found:
-            p.unlink()
-    if ddp:
-        dist.barrier()
-    print0(f"--overwrite: removed the previous run's {len(found)} files from {out_dir}")
+    if args.overwrite:
+        if master:
+            for p in found:
+                p.unlink()
+        if ddp:
+            dist.barrier()  # every rank, whatever it listed: no rank starts writing before the old files are gone
+        if found:
+            print0(f"--overwrite: removed the previous run's {len(found)} files from {out_dir}")
 
 
 # ----------------------------------------------------------------------------- one step
