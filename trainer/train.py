@@ -201,8 +201,8 @@ def describe_base_dir(args) -> str:
     elif not args.data_dir_given or Path(env).resolve() == Path(args.data_dir).resolve():
         why = "NANOCHAT_BASE_DIR" + (" (the same folder as --data-dir)" if args.data_dir_given else "")
     else:
-        why = (f"NANOCHAT_BASE_DIR is set and overrides --data-dir {args.data_dir} for checkpoints, as in nanochat "
-               "(unset it to use --data-dir)")
+        why = (f"NANOCHAT_BASE_DIR is set and overrides --data-dir {args.data_dir} for checkpoints and ChatCORE "
+               "data, as in nanochat (unset it to use --data-dir)")
     return (f"base dir {root} ({why}): base checkpoints from {root / PHASE_DIRS['base']}, "
             f"SFT checkpoints to {root / PHASE_DIRS['sft']}")
 
