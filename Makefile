@@ -49,5 +49,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_prepare.py $(ARGS)
 
+# Only what nanosft made: snapshots and the render cache under <data dir>/nanosft (trained tokenizers and the demo's
+# sources stay; `rm -rf $(DATA_DIR)/nanosft` removes all of it). A data dir's own files are never touched.
 clean-data:
-	rm -rf $(DATA_DIR)/snapshots $(DATA_DIR)/cache
+	rm -rf $(DATA_DIR)/nanosft/snapshots $(DATA_DIR)/nanosft/cache

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.errors import DataError
+from pipeline.layout import is_stale_temp
 from pipeline.manifest import canonical_json
 from pipeline.recipe import TaskSpec
 from pipeline.render import TEMPLATE_VERSION, render_conversation
@@ -153,8 +154,9 @@ class RenderPool:
         task = self.tasks[t]
         n = len(task)
         cache_root.mkdir(parents=True, exist_ok=True)
-        for stale in cache_root.glob(f".{key}.tmp-*"):  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in cache_root.glob(f".{key}.tmp-*"):
+            if is_stale_temp(stale):  # left by a killed run (a live run's temp is its own)
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = cache_root / f".{key}.tmp-{os.getpid()}"
         tmp.mkdir()
         jobs = [(t, a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]

@@ -2,7 +2,7 @@
 
 Members must be regular files inside one top-level folder; anything else (absolute paths,
 `..`, links, devices) is refused before a byte is written. The snapshot is unpacked into a
-temporary folder, verified against its manifest, then renamed into <data_dir>/snapshots/.
+temporary folder, verified against its manifest, then renamed into <data_dir>/nanosft/snapshots/.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 import zstandard
 
 from pipeline.errors import SnapshotError
+from pipeline.layout import snapshots_dir
 from pipeline.manifest import verify_snapshot
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -39,7 +40,7 @@ def import_snapshot(archive: Path, data_dir: Path) -> Path:
     archive = Path(archive)
     if not archive.is_file():
         raise SnapshotError("archive not found", file=archive)
-    snapshots = Path(data_dir) / "snapshots"
+    snapshots = snapshots_dir(data_dir)
     snapshots.mkdir(parents=True, exist_ok=True)
     tmp = snapshots / f".import.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -77,7 +78,8 @@ def import_snapshot(archive: Path, data_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.import", description=__doc__.split("\n")[0])
     ap.add_argument("archive", type=Path)
-    ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("NANOCHAT_BASE_DIR") or "data"))
+    ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("NANOCHAT_BASE_DIR") or "data"),
+                    help="unpacks into <data_dir>/nanosft/snapshots (default: NANOCHAT_BASE_DIR, else data)")
     args = ap.parse_args(argv)
     try:
         out = import_snapshot(args.archive, args.data_dir)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import SnapshotError
+from pipeline.layout import snapshots_dir
 from pipeline.shard_format import FORMAT_VERSION, ShardReader
 
 MANIFEST_NAME = "manifest.json"
@@ -186,10 +187,14 @@ def snapshot_files(manifest: dict[str, Any]) -> list[str]:
 
 
 def latest_snapshot(data_dir: str | Path, recipe: str) -> Path:
-    """The most recently built finished snapshot of a recipe in a data dir."""
+    """The most recently built finished snapshot of a recipe in a data dir (<data_dir>/nanosft/snapshots)."""
     name = Path(recipe).stem
-    found = [p for p in (Path(data_dir) / "snapshots").glob(f"{name}-*") if (p / MANIFEST_NAME).is_file()]
+    folder = snapshots_dir(data_dir)
+    found = [p for p in folder.glob(f"{name}-*") if (p / MANIFEST_NAME).is_file()]
     if not found:
-        raise SnapshotError(f"no snapshot of recipe {name!r} under {Path(data_dir) / 'snapshots'}; "
+        old = [p for p in (Path(data_dir) / "snapshots").glob(f"{name}-*") if (p / MANIFEST_NAME).is_file()]
+        hint = (f" ({len(old)} found in the old layout's {Path(data_dir) / 'snapshots'}: move them into {folder},"
+                " or pass one with --snapshot)" if old else "")
+        raise SnapshotError(f"no snapshot of recipe {name!r} under {folder}{hint}; "
                             f"build one with `make prepare-data RECIPE={name} DATA_DIR={data_dir}`")
     return max(found, key=lambda p: (p / MANIFEST_NAME).stat().st_mtime)

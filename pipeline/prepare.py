@@ -5,6 +5,7 @@
 Stages: sources → mixture order → render (cached, parallel) → pack plan (pure function of
 the lengths) → shards → manifest (last) → atomic rename of the snapshot folder → lock check.
 The last line printed is the snapshot path.
+Everything it writes lands under <data_dir>/nanosft/ (pipeline.layout); the inputs are only read.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from pipeline.cache import RenderedTask, RenderPool, cache_key
 from pipeline.errors import DataError, SnapshotError
+from pipeline.layout import is_stale_temp, render_cache_dir, snapshots_dir, source_root, tokenizers_dir
 from pipeline.manifest import (MANIFEST_NAME, SPLITS, TOKENIZER_NAME, compare_lock, content_sha256, load_manifest,
                                lock_entry, lock_path, sha256_file, snapshot_id, verify_snapshot, write_json_atomic)
 from pipeline.mixture import mixture_order
@@ -60,7 +62,7 @@ def resolve_tokenizer(recipe: Recipe, data_dir: Path, demo_texts) -> tuple[ChatT
                             "(it keeps tokenizer/tokenizer.pkl), or run nanochat's scripts.tok_train there",
                             field="tokenizer.path")
         return load_tokenizer(path), path
-    path = data_dir / "tokenizers" / f"{recipe.name}-v{spec.vocab_size}" / "tokenizer.pkl"
+    path = tokenizers_dir(data_dir) / f"{recipe.name}-v{spec.vocab_size}" / "tokenizer.pkl"
     if path.is_file():
         return load_tokenizer(path), path
     print(f"training a {spec.vocab_size}-token tokenizer on the {recipe.name} text (rustbpe)", file=sys.stderr)
@@ -279,17 +281,18 @@ def prepare(recipe_file: Path, data_dir: Path, workers: int, update_lock: bool =
     data_dir.mkdir(parents=True, exist_ok=True)
 
     demo_texts = None
+    sources = source_root(data_dir, recipe.demo is not None)  # inputs are read there, never written
     if recipe.demo is not None:
         from pipeline.demo_data import demo_tokenizer_texts, write_demo_sources
-        write_demo_sources(data_dir, seed=recipe.demo.seed, sizes=dict(recipe.demo.sizes) or None)
-        demo_texts = lambda: demo_tokenizer_texts(data_dir)  # noqa: E731
+        write_demo_sources(sources, seed=recipe.demo.seed, sizes=dict(recipe.demo.sizes) or None)
+        demo_texts = lambda: demo_tokenizer_texts(sources)  # noqa: E731
     elif recipe.tokenizer.source == "train":
         raise DataError("tokenizer.source = 'train' needs a [demo] section (the text it trains on)",
                         field="tokenizer.source")
     tok, tok_path = resolve_tokenizer(recipe, data_dir, demo_texts)
 
     table = task_table(recipe)
-    tasks = [build_task(spec, data_dir) for _, spec in table]
+    tasks = [build_task(spec, sources) for _, spec in table]
     inputs = {}
     for t in tasks:
         for p in t.inputs():
@@ -304,7 +307,7 @@ def prepare(recipe_file: Path, data_dir: Path, workers: int, update_lock: bool =
         "tokenizer": tok.fingerprint,
     }
     sid = snapshot_id(identity)
-    snapshots = data_dir / "snapshots"
+    snapshots = snapshots_dir(data_dir)
     final = snapshots / f"{recipe.name}-{sid}"
     lock_file = lock_path(recipe_file)
 
@@ -315,14 +318,16 @@ def prepare(recipe_file: Path, data_dir: Path, workers: int, update_lock: bool =
             _check_lock(lock_file, manifest, update_lock, out)
             return final
         except SnapshotError as e:
-            print(f"snapshot {final.name} exists but fails verification ({e}); rebuilding it", file=out)
-            shutil.rmtree(final)
+            aside = final.with_name(f".{final.name}.failed-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+            os.replace(final, aside)  # kept for a look, not deleted: the rebuild takes its place
+            print(f"snapshot {final.name} exists but fails verification ({e}); moved it to {aside} (delete it "
+                  "when done) and rebuilding it", file=out)
 
     # render every distinct task once (cached across recipes and packers)
     rendered: dict[int, RenderedTask] = {}
     counts: dict[int, dict[str, int]] = {}
     errors: list[str] = []
-    cache_root = data_dir / "cache" / "render"
+    cache_root = render_cache_dir(data_dir)
     with RenderPool(tasks, tok, workers) as renderer:
         for i, ((split, spec), task) in enumerate(zip(table, tasks)):
             hashes = sorted(content_by_path[str(Path(p).resolve())] for p in task.inputs())
@@ -340,7 +345,8 @@ def prepare(recipe_file: Path, data_dir: Path, workers: int, update_lock: bool =
     # pack and write each split into a temporary folder; rename it into place last
     snapshots.mkdir(parents=True, exist_ok=True)
     for stale in snapshots.glob(f".{recipe.name}-*.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by an interrupted run
+        if is_stale_temp(stale):  # left by an interrupted run (a live one's is its own)
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = snapshots / f".{final.name}.tmp-{os.getpid()}"
     tmp.mkdir()
     try:
