@@ -138,7 +138,8 @@ def env_for(url: str, tmp: Path, **extra: str) -> dict[str, str]:
            if not k.startswith("HF_") and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
     env.update(HF_ENDPOINT=url, HF_HOME=str(tmp / "hf-home"), HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1",
                NO_PROXY="127.0.0.1,localhost", NANOSFT_IDENTITY_URL=f"{url}/files/identity_conversations.jsonl",
-               NANOSFT_WORDS_URL=f"{url}/files/words_alpha.txt", PYTHONPATH=str(REPO))
+               NANOSFT_WORDS_URL=f"{url}/files/words_alpha.txt",
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
     env.update(extra)
     return env
 
@@ -363,3 +364,18 @@ def test_prepare_names_the_fetch_command(setup, capsys):
     assert prepare_main(["--recipe", str(recipe), "--data-dir", str(data)]) == 2
     err = capsys.readouterr().err
     assert f"make fetch-data RECIPE={recipe} DATA_DIR={data}" in err
+
+
+def test_the_readme_set_up_for_the_real_mixture(hub, setup):
+    """`make fetch-data prepare-data RECIPE=nanochat-sft DATA_DIR=D`: the fetch with the real recipe, then prepare
+    on a copy of it with small spelling tasks (the copy keeps its lock file out of data_manifests/)."""
+    _, data = setup
+    proc = run_fetch(hub.url, "nanochat-sft", data)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("fetched") == 7 and "tokenizer" not in proc.stderr  # 6 splits + identity
+    text = resolve_recipe_path("nanochat-sft").read_text()
+    small = text.replace("size = 200000", "size = 200").replace("size = 80000", "size = 80")
+    assert small != text
+    copy = data.parent / "nanochat-sft.toml"
+    copy.write_text(small)
+    assert (prepare(copy, data, workers=1) / "manifest.json").is_file()

@@ -56,9 +56,11 @@ RECIPE_PLACEHOLDER = "RECIPE=<recipe>"
 
 
 def fetch_command(data_dir: Path, eval_sets: bool = False) -> str:
-    """The command that downloads a recipe's Hub sources (pipeline.fetch); the CLIs fill in the recipe."""
-    extra = " ARGS=--eval" if eval_sets else ""
-    return f"make fetch-data {RECIPE_PLACEHOLDER} DATA_DIR={shlex.quote(str(data_dir))}{extra}"
+    """The command that downloads a recipe's sources (pipeline.fetch); the CLIs fill in the recipe.
+    ChatCORE's own test sets need no recipe: `--eval` fetches them."""
+    if eval_sets:
+        return f"make fetch-data DATA_DIR={shlex.quote(str(data_dir))} ARGS=--eval"
+    return f"make fetch-data {RECIPE_PLACEHOLDER} DATA_DIR={shlex.quote(str(data_dir))}"
 
 
 def with_recipe(message: str, recipe: str) -> str:
