@@ -95,7 +95,7 @@ def find_source_files(data_dir: Path, repo: str, subset: str, split: str,
     files = sorted(folder.glob("*.parquet"))
     if not files:
         raise SourceMissingError(
-            f"{what}: no parquet files in {folder}; to download them: {command} "
+            f"{what}: no parquet files (00000.parquet, ...) in {folder}; to download them: {command} "
             f"(or list the files in the task's `paths` param)", file=folder)
     return files
 
