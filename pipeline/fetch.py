@@ -152,23 +152,25 @@ def local_names(export_paths: list[str]) -> list[tuple[str, str]]:
 
 # --- files on disk ---
 
-def digests(path: Path) -> tuple[int, str, str]:
-    """(size, sha256, git blob sha1): the Hub lists the sha256 of an LFS file and the blob id of any other."""
+def digests(path: Path, blob: bool = True) -> tuple[int, str, str | None]:
+    """(size, sha256, git blob sha1 or None): the Hub lists the sha256 of an LFS file, the blob id of any other."""
     size = path.stat().st_size
-    sha256, blob = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % size)
+    sha256, sha1 = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % size) if blob else None
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             sha256.update(chunk)
-            blob.update(chunk)
-    return size, sha256.hexdigest(), blob.hexdigest()
+            if sha1 is not None:
+                sha1.update(chunk)
+    return size, sha256.hexdigest(), sha1.hexdigest() if sha1 is not None else None
 
 
-def matches(entry: dict[str, Any], got: tuple[int, str, str]) -> bool:
-    """A file's digests agree with a record entry: its size, and its sha256 (else its git blob id)."""
+def verify(entry: dict[str, Any], path: Path) -> tuple[bool, tuple[int, str, str | None]]:
+    """Whether a file agrees with a record entry (its size, and its sha256, else its git blob id); its digests."""
+    got = digests(path, blob=not entry.get("sha256"))
     size, sha256, blob = got
     if size != entry["size"]:
-        return False
-    return sha256 == entry["sha256"] if entry.get("sha256") else blob == entry.get("git_blob")
+        return False, got
+    return (sha256 == entry["sha256"] if entry.get("sha256") else blob == entry.get("git_blob")), got
 
 
 def read_record(path: Path) -> dict[str, Any] | None:
@@ -237,8 +239,11 @@ def describe_error(e: BaseException, where: str) -> str:
         hint = "; it needs a valid token: set HF_TOKEN" if status in (401, 403) else ""
         return f"{where}: {endpoint()} refused (HTTP {status}) for {url}{hint}"
     reason = (str(e).strip().splitlines() or [""])[0][:300]
-    return (f"{where}: cannot reach the Hub at {endpoint()} ({type(e).__name__}: {reason}); check the network, "
-            "or HF_ENDPOINT for a mirror")
+    if isinstance(e, (OSError, TimeoutError)) or any(w in type(e).__name__ for w in ("Connect", "Timeout", "Network",
+                                                                                     "Protocol", "Transport")):
+        return (f"{where}: cannot reach the Hub at {endpoint()} ({type(e).__name__}: {reason}); check the network, "
+                "or HF_ENDPOINT for a mirror")
+    return f"{where}: {type(e).__name__}: {reason}"
 
 
 class Hub:
@@ -313,7 +318,7 @@ def _check(record: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
         path = folder / entry["name"]
         if not path.is_file():
             todo.append(entry)
-        elif not matches(entry, digests(path)):
+        elif not verify(entry, path)[0]:
             raise FetchError("changed since fetch wrote it (size or sha256 differ from its record); fetch leaves it "
                              "as it is: move it away and rerun to fetch it again", file=path)
     return todo
@@ -391,8 +396,8 @@ def fetch_split(hs: HubSplit, data_dir: Path, hub: Callable[[], Hub], log: Calla
             shutil.rmtree(staging, ignore_errors=True)  # a killed run's partial download (fetch's own folder)
             for entry in todo:
                 got = hub().download(hs, entry["export_path"], record["commit"], staging)
-                digest = digests(got)
-                if not matches(entry, digest):
+                ok, digest = verify(entry, got)
+                if not ok:
                     raise FetchError(f"{hs}: {entry['export_path']} arrived with size {digest[0]} and sha256 "
                                      f"{digest[1]}, not what the Hub lists (size {entry['size']}, sha256 "
                                      f"{entry.get('sha256')}); nothing kept, rerun to try again")
@@ -446,7 +451,7 @@ def fetch_url(uf: UrlFile, data_dir: Path, log: Callable[[str], None]) -> str:
     if target.exists():
         if record is None:
             return f"kept        {target}: not written by fetch; left as it is"
-        if not matches(record["files"][0], digests(target)):
+        if not verify(record["files"][0], target)[0]:
             raise FetchError("changed since fetch wrote it; fetch leaves it as it is: move it away and rerun to "
                              "fetch it again", file=target)
         return f"up to date  {target}: {_size(record['files'][0]['size'])}, verified"
@@ -456,7 +461,7 @@ def fetch_url(uf: UrlFile, data_dir: Path, log: Callable[[str], None]) -> str:
     tmp = target.with_name(target.name + ".nanosft-tmp")
     try:
         _download_url(url, tmp)
-        size, sha256, _ = digests(tmp)
+        size, sha256, _ = digests(tmp, blob=False)
         write_json(record_path, {"format": RECORD_FORMAT, "url": url, "complete": True,
                                  "files": [{"name": uf.name, "size": size, "sha256": sha256}]})
         place(tmp, target)

@@ -213,7 +213,8 @@ def test_fetch_then_prepare_then_rerun_fetches_nothing(hub, setup):
     smol = json.loads(fetch_record_path(data, "task_data/HuggingFaceTB--smol-smoltalk/default/train").read_text())
     assert smol["export_dir"] == "default/partial-train"
     assert [(e["export_path"], e["name"]) for e in smol["files"]] == [
-        ("default/partial-train/0000.parquet", "00000.parquet"), ("default/partial-train/0001.parquet", "00001.parquet")]
+        ("default/partial-train/0000.parquet", "00000.parquet"),
+        ("default/partial-train/0001.parquet", "00001.parquet")]
     for arc_split in ("ARC-Easy", "ARC-Challenge"):
         assert (task_data / "allenai--ai2_arc" / arc_split / "test" / "00000.parquet").is_file()
     assert (data / "words_alpha.txt").read_bytes() == WORDS

@@ -81,9 +81,8 @@ def load_words(data_dir: Path, words: str | None) -> tuple[list[str], Path | Non
     path = Path(words) if Path(words).is_absolute() else Path(data_dir) / words
     if not path.is_file():
         hint = f"; to download it: {fetch_command(data_dir)}" if words == "words_alpha.txt" else ""
-        raise SourceMissingError(f"word list {path} does not exist (nanochat's list: "
-                                 f"https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt)"
-                                 f"{hint}", file=path)
+        raise SourceMissingError(f"word list {path} does not exist (nanochat's list: https://raw.githubusercontent"
+                                 f".com/dwyl/english-words/refs/heads/master/words_alpha.txt){hint}", file=path)
     lines = read_lines(path)
     for k, w in enumerate(lines):
         if not w:
