@@ -8,9 +8,10 @@ SNAPSHOT ?=
 ARGS     ?=
 STAMP    := $(VENV)/.installed-stamp
 
-.PHONY: help install prepare-data verify-data train test test-fast bench clean-data
+.PHONY: help install fetch-data prepare-data verify-data train test test-fast bench clean-data
 
 help:
+	@echo "make fetch-data   [RECIPE=demo] [DATA_DIR=data] [ARGS=--eval --words]  download what a recipe reads"
 	@echo "make prepare-data [RECIPE=demo] [DATA_DIR=data] [ARGS=...]  build (or reuse) a verified snapshot"
 	@echo "make verify-data  [RECIPE=...] [SNAPSHOT=dir]                recheck a snapshot's hashes and rows"
 	@echo "make train        [SNAPSHOT=dir | RECIPE=... DATA_DIR=...] [ARGS=...]  fine-tune on a snapshot"
@@ -26,6 +27,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+fetch-data: $(STAMP)
+	$(BIN)/python -m pipeline.fetch --recipe $(RECIPE) --data-dir $(DATA_DIR) $(ARGS)
 
 prepare-data: $(STAMP)
 	$(BIN)/python -m pipeline.prepare --recipe $(RECIPE) --data-dir $(DATA_DIR) $(ARGS)

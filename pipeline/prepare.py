@@ -34,6 +34,7 @@ from pipeline.recipe import Recipe, TaskSpec, load_recipe, resolve_recipe_path
 from pipeline.render import NANOCHAT_MAX_TOKENS, TEMPLATE_VERSION
 from pipeline.shard_format import FORMAT_VERSION, ShardMeta, ShardRows, shard_filename, token_dtype, write_shard
 from pipeline.tasks import build_task
+from pipeline.tasks.source import with_recipe
 from pipeline.tokenizer import ChatTokenizer, load_tokenizer, save_tokenizer, train_tokenizer
 
 PACK_VERSION = 1  # bump when a packer's output for the same lengths changes
@@ -431,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = prepare(resolve_recipe_path(args.recipe), args.data_dir, args.workers, args.update_lock)
     except (DataError, LockMismatch) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {with_recipe(str(e), args.recipe)}", file=sys.stderr)
         return 2 if isinstance(e, DataError) else 3
     print(path)
     return 0
