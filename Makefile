@@ -8,9 +8,10 @@ SNAPSHOT ?=
 ARGS     ?=
 STAMP    := $(VENV)/.installed-stamp
 
-.PHONY: help install prepare-data verify-data train test test-fast bench clean-data
+.PHONY: help install fetch-data prepare-data verify-data train test test-fast bench clean-data
 
 help:
+	@echo "make fetch-data   [RECIPE=demo] [DATA_DIR=data] [ARGS=--eval --words]  download what a recipe reads"
 	@echo "make prepare-data [RECIPE=demo] [DATA_DIR=data] [ARGS=...]  build (or reuse) a verified snapshot"
 	@echo "make verify-data  [RECIPE=...] [SNAPSHOT=dir]                recheck a snapshot's hashes and rows"
 	@echo "make train        [SNAPSHOT=dir | RECIPE=... DATA_DIR=...] [ARGS=...]  fine-tune on a snapshot"
@@ -26,6 +27,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+fetch-data: $(STAMP)
+	$(BIN)/python -m pipeline.fetch --recipe $(RECIPE) --data-dir $(DATA_DIR) $(ARGS)
 
 prepare-data: $(STAMP)
 	$(BIN)/python -m pipeline.prepare --recipe $(RECIPE) --data-dir $(DATA_DIR) $(ARGS)
@@ -49,5 +53,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_prepare.py $(ARGS)
 
+# Only what nanosft made: snapshots and the render cache under <data dir>/nanosft (trained tokenizers and the demo's
+# sources stay; `rm -rf $(DATA_DIR)/nanosft` removes all of it). A data dir's own files are never touched.
 clean-data:
-	rm -rf $(DATA_DIR)/snapshots $(DATA_DIR)/cache
+	rm -rf $(DATA_DIR)/nanosft/snapshots $(DATA_DIR)/nanosft/cache

@@ -1,6 +1,7 @@
 """Trainer throughput on one GPU: snapshot loader vs a batch kept on the GPU, tok/s, MFU, peak memory.
 
-    python bench/bench_train.py [--configs d12,d12-moe,d20,d20-moe] [--batch 32] [--steps 20]
+    python bench/bench_train.py [--configs d12,d12-moe,d20,d20-moe] [--batch 32] [--steps 20] [--profile]
+        [--flex-opts JSON] [--inductor key=value,...] [--top N]
 
 Rows come from a synthetic snapshot written through pipeline.shard_format (random ids in the
 model's vocab, nanochat-like document lengths and masks), so the loader path is the real one:
@@ -11,6 +12,7 @@ cost that leaks into the step time (target ≤ 1.01).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -26,6 +28,7 @@ from pipeline.shard_format import ShardMeta, ShardRows, SplitReader, write_shard
 from trainer.common import get_peak_flops  # noqa: E402
 from trainer.config import GPTConfig  # noqa: E402
 from trainer.data import RowSchedule, StepLoader  # noqa: E402
+import trainer.model as model_module  # noqa: E402
 from trainer.model import GPT  # noqa: E402
 from trainer.optim import MuonAdamW  # noqa: E402
 from trainer.train import forward_backward, optimizer_step  # noqa: E402
@@ -90,6 +93,54 @@ def time_steps(fn, n: int) -> list[float]:
     return out
 
 
+MATMUL_KEYS = ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "wgmma", "triton_tem_fused_mm",
+               "triton_tem_fused_addmm", "triton_tem_fused_bmm")
+ATTENTION_KEYS = ("flex", "attention", "fmha", "flash")
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    if any(k in low for k in ATTENTION_KEYS):
+        return "attention"
+    if any(k in low for k in MATMUL_KEYS):
+        return "matmul"
+    return "other"
+
+
+def profile_split(step_fn, steps: int, top: int) -> tuple[dict, list]:
+    """GPU kernel time per category (matmul / attention / other) over `steps` steps, and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step_fn()
+        torch.cuda.synchronize()
+    per_kernel: dict[str, float] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[ev.name] = per_kernel.get(ev.name, 0.0) + ev.device_time / 1e3 / steps  # ms per step
+    split = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for kname, ms in per_kernel.items():
+        split[kernel_category(kname)] += ms
+    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]
+    return split, ranked
+
+
+def time_phases(fwd_bwd, opt_step, n: int) -> tuple[float, float]:
+    """Median ms of the forward+backward and of the optimizer step, with CUDA events around each."""
+    fb, op = [], []
+    for _ in range(n):
+        e0, e1, e2 = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        e0.record()
+        fwd_bwd()
+        e1.record()
+        opt_step()
+        e2.record()
+        torch.cuda.synchronize()
+        fb.append(e0.elapsed_time(e1))
+        op.append(e1.elapsed_time(e2))
+    return statistics.median(fb), statistics.median(op)
+
+
 def bench_config(name: str, reader: SplitReader, args, device) -> dict:
     depth, experts = CONFIGS[name]
     T = reader.meta.max_seq_len
@@ -110,12 +161,14 @@ def bench_config(name: str, reader: SplitReader, args, device) -> dict:
     resident = loader.next()
 
     def resident_step():
-        forward_backward(step_model, resident, 1, 1, "token")
+        loss = forward_backward(step_model, resident, 1, 1, "token")
         optimizer_step(model, opt, 1.0, 0.95)
+        return loss
 
     t0 = time.time()
     time_steps(loader_step, args.warmup)
     compile_s = time.time() - t0
+    require_finite(resident_step(), name)
     # interleave the two modes in blocks so clock drift hits both alike
     a, b = [], []
     for _ in range(2):
@@ -123,6 +176,8 @@ def bench_config(name: str, reader: SplitReader, args, device) -> dict:
         b += time_steps(resident_step, args.steps // 2)
     loader.close()
     dt_loader, dt_res = statistics.median(a), statistics.median(b)
+    ms_fb, ms_opt = time_phases(lambda: forward_backward(step_model, resident, 1, 1, "token"),
+                                lambda: optimizer_step(model, opt, 1.0, 0.95), max(4, args.steps // 4))
     tokens = B * T
     peak = get_peak_flops(torch.cuda.get_device_name(device))
     flops = model.estimate_flops()
@@ -130,8 +185,58 @@ def bench_config(name: str, reader: SplitReader, args, device) -> dict:
            "compile_s": compile_s, "ms_loader": 1e3 * dt_loader, "ms_resident": 1e3 * dt_res,
            "ratio": dt_loader / dt_res, "tok_s": tokens / dt_loader, "mfu": 100 * flops * tokens / dt_loader / peak,
            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-           "spread_loader": (max(a) - min(a)) / dt_loader}
+           "spread_loader": (max(a) - min(a)) / dt_loader, "ms_fwd_bwd": ms_fb, "ms_opt": ms_opt}
+    if args.profile:
+        split, ranked = profile_split(resident_step, 3, args.top)
+        res.update({f"ms_{k}": v for k, v in split.items()})
+        res["top_kernels"] = ranked
     return res
+
+
+def require_finite(loss: torch.Tensor, what: str) -> None:
+    """A variant that computes NaN is wrong, and looks fast: NaN data draws less power, so the card clocks higher."""
+    if not torch.isfinite(loss).item():
+        raise SystemExit(f"{what}: the loss is not finite; a wrong result is not a speed-up")
+
+
+def ab_config(name: str, reader: SplitReader, args, device) -> list[dict]:
+    """Whole-step A/B of FlexAttention kernel options: one compiled model per variant in this process, timed in
+    interleaved rounds (resident batch), so that the card's clock state hits every variant alike."""
+    depth, experts = CONFIGS[name]
+    T, B = reader.meta.max_seq_len, args.batch
+    variants = json.loads(args.variants)
+    loader = StepLoader(reader, RowSchedule(reader.num_rows, B), rank=0, world_size=1, grad_accum=1, device_batch=B,
+                        device=device, start_step=0)
+    batch = loader.next()
+    loader.close()
+    runs = []
+    for opts in variants:
+        model_module.FLEX_KERNEL_OPTIONS = opts
+        model = build(depth, experts, T, reader.meta.vocab_size, device)
+        opt = MuonAdamW(model.setup_optimizer())
+        step_model = torch.compile(model, dynamic=False)
+        flops = model.estimate_flops()
+
+        def step(step_model=step_model, model=model, opt=opt):
+            loss = forward_backward(step_model, batch, 1, 1, "token")
+            optimizer_step(model, opt, 1.0, 0.95)
+            return loss
+        time_steps(step, args.warmup)
+        require_finite(step(), f"{name} flex={opts}")
+        runs.append((opts, step, []))
+    peak = get_peak_flops(torch.cuda.get_device_name(device))
+    for _ in range(args.rounds):
+        for opts, step, times in runs:
+            model_module.FLEX_KERNEL_OPTIONS = opts
+            times += time_steps(step, args.steps)
+    out = []
+    for opts, _, times in runs:
+        ms = 1e3 * statistics.median(times)
+        out.append({"config": name, "flex": opts, "ms": ms, "mfu": 100 * flops * B * T / (ms / 1e3) / peak,
+                    "spread": (max(times) - min(times)) / statistics.median(times)})
+        print(f"A/B {name} flex={opts}: {ms:.1f} ms, MFU {out[-1]['mfu']:.1f} %, spread {out[-1]['spread']:.3f}",
+              flush=True)
+    return out
 
 
 def main() -> int:
@@ -143,16 +248,35 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--rows", type=int, default=4096)
+    ap.add_argument("--profile", action="store_true", help="GPU time split matmul/attention/other (3 steps)")
+    ap.add_argument("--top", type=int, default=0, help="with --profile: list the N kernels with most time")
+    ap.add_argument("--flex-opts", default=None, help="JSON kernel_options for FlexAttention (training path)")
+    ap.add_argument("--inductor", default="", help="comma list of torch._inductor.config key=value to try")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--variants", default=None,
+                    help="JSON list of flex kernel_options (null = defaults): whole-step A/B in one process")
+    ap.add_argument("--rounds", type=int, default=4, help="with --variants: interleaved rounds of --steps each")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_train needs a CUDA GPU (run it through the device tool)")
         return 1
     device = torch.device("cuda", 0)
     torch.backends.cuda.matmul.allow_tf32 = True
+    if args.flex_opts:
+        model_module.FLEX_KERNEL_OPTIONS = json.loads(args.flex_opts)
+    for item in filter(None, args.inductor.split(",")):
+        key, value = item.split("=", 1)
+        setattr(torch._inductor.config, key, json.loads(value))
+    print(f"# flex options {model_module.FLEX_KERNEL_OPTIONS}, inductor {args.inductor or 'defaults'}")
     print(f"# {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         reader = synthetic_snapshot(Path(tmp), args.rows, args.seq_len, args.vocab)
+        if args.variants:
+            ab = [r for name in args.configs.split(",") for r in ab_config(name, reader, args, device)]
+            if args.json:
+                Path(args.json).write_text(json.dumps(ab, indent=1))
+            return 0
         for name in args.configs.split(","):
             try:
                 r = bench_config(name, reader, args, device)
@@ -162,14 +286,21 @@ def main() -> int:
                 torch.cuda.empty_cache()
                 continue
             results.append(r)
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                           if k != "top_kernels"), flush=True)
+            for kname, ms in r.get("top_kernels", []):
+                print(f"    {ms:8.2f} ms  {kernel_category(kname):9s} {kname[:110]}")
     print()
-    print("| config | params | B×T | step ms (loader) | step ms (resident) | ratio | tok/s | MFU % | peak GiB | compile s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| config | params | B×T | step ms (loader) | step ms (resident) | ratio | tok/s | MFU % | peak GiB | "
+          "fwd+bwd ms | optim ms | GPU split matmul/attn/other ms | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
+        split = (f"{r['ms_matmul']:.0f} / {r['ms_attention']:.0f} / {r['ms_other']:.0f}" if "ms_matmul" in r else "-")
         print(f"| {r['config']} | {r['params'] / 1e6:.0f}M | {r['B']}×{r['T']} | {r['ms_loader']:.1f} | "
               f"{r['ms_resident']:.1f} | {r['ratio']:.3f} | {r['tok_s']:,.0f} | {r['mfu']:.1f} | {r['peak_gib']:.1f} | "
-              f"{r['compile_s']:.0f} |")
+              f"{r['ms_fwd_bwd']:.1f} | {r['ms_opt']:.1f} | {split} | {r['compile_s']:.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
 
 

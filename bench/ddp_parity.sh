@@ -6,9 +6,9 @@ set -euo pipefail
 DATA=${1:-data}; STEPS=${2:-30}; PY=${PYTHON:-python3}
 COMMON="--data-dir $DATA --init scratch --depth 4 --num-iterations $STEPS --device-batch-size 8 \
   --total-batch-size $((16 * 512)) --eval-every 0 --chatcore-every 0"
-rm -rf "$DATA"/chatsft_checkpoints/parity-w1 "$DATA"/chatsft_checkpoints/parity-w2
-$PY -m trainer.train $COMMON --out-tag parity-w1 > "${OUT:-/tmp}/parity_w1.log" 2>&1
-torchrun --standalone --nproc_per_node=2 -m trainer.train $COMMON --out-tag parity-w2 > "${OUT:-/tmp}/parity_w2.log" 2>&1
+# --overwrite: a rerun replaces this script's own two runs (the trainer removes only their checkpoint files)
+$PY -m trainer.train $COMMON --out-tag parity-w1 --overwrite > "${OUT:-/tmp}/parity_w1.log" 2>&1
+torchrun --standalone --nproc_per_node=2 -m trainer.train $COMMON --out-tag parity-w2 --overwrite > "${OUT:-/tmp}/parity_w2.log" 2>&1
 $PY - "$DATA" <<'PY'
 import json, sys
 from pathlib import Path

@@ -41,7 +41,7 @@ DEFAULT_SIZES: dict[str, int] = {
     "identity": 100,
 }
 
-# size key -> path relative to data_dir (nanochat's cache layout for Hub parquet exports)
+# size key -> path relative to the demo folder (nanochat's cache layout for Hub parquet exports)
 SOURCE_PATHS: dict[str, str] = {
     "smoltalk_train": "task_data/HuggingFaceTB--smol-smoltalk/default/train/00000.parquet",
     "smoltalk_test": "task_data/HuggingFaceTB--smol-smoltalk/default/test/00000.parquet",
@@ -605,11 +605,9 @@ def _jsonl_bytes(rows: list[list[dict]]) -> bytes:
     return "".join(json.dumps(conv) + "\n" for conv in rows).encode("utf-8")
 
 
-def _write_if_changed(path: Path, data: bytes) -> None:
-    """Atomic write (temp name + rename); an identical existing file is left alone, mtime included."""
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Temp name + fsync + rename: a reader never sees half a file."""
     remove_stale_temps(path.parent, f".{path.name}.tmp-*")  # left by a killed writer
-    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
-        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -621,6 +619,39 @@ def _write_if_changed(path: Path, data: bytes) -> None:
     finally:
         tmp.unlink(missing_ok=True)
 
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# The writer's own record, in the folder it writes: {"files": {relative path: [sha256, ...]}}, the hashes
+# of the bytes it wrote (or is about to write) at each path. A file there whose hash is not listed was not
+# written by this writer (a user's file, or one edited since), so the writer refuses to replace it.
+RECORD_NAME = "written.json"
+
+
+def _load_record(path: Path) -> dict[str, list[str]]:
+    if not path.is_file():
+        return {}
+    try:
+        files = json.loads(path.read_text(encoding="utf-8"))["files"]
+        assert isinstance(files, dict) and all(isinstance(v, list) for v in files.values())
+        return files
+    except (ValueError, KeyError, TypeError, AssertionError) as e:
+        raise DataError(f"the demo writer's record is unreadable ({e!r}); move the folder away and rerun",
+                        file=path) from None
+
+
+def _save_record(path: Path, files: dict[str, list[str]]) -> None:
+    _write_atomic(path, (json.dumps({"files": dict(sorted(files.items()))}, indent=1) + "\n").encode("utf-8"))
 
 def resolve_sizes(sizes: Mapping[str, int] | None) -> dict[str, int]:
     """DEFAULT_SIZES overridden by `sizes`; unknown keys and negative sizes are errors."""
@@ -635,7 +666,7 @@ def resolve_sizes(sizes: Mapping[str, int] | None) -> dict[str, int]:
 
 
 def demo_source_bytes(seed: int = 0, sizes: Mapping[str, int] | None = None) -> dict[str, bytes]:
-    """The content of every demo file, keyed by its path relative to the data dir (pure, no disk)."""
+    """The content of every demo file, keyed by its path relative to the demo folder (pure, no disk)."""
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise DataError(f"seed must be a non-negative int, got {seed!r}", field="seed")
     n = resolve_sizes(sizes)
@@ -653,20 +684,46 @@ def demo_source_bytes(seed: int = 0, sizes: Mapping[str, int] | None = None) -> 
     return out
 
 
-def write_demo_sources(data_dir: Path, seed: int = 0, sizes: Mapping[str, int] | None = None) -> list[Path]:
-    """Write the demo's SmolTalk/MMLU/GSM8K parquet and identity JSONL into `data_dir`; return their paths."""
-    data_dir = Path(data_dir)
+def write_demo_sources(folder: Path, seed: int = 0, sizes: Mapping[str, int] | None = None) -> list[Path]:
+    """Write the demo's SmolTalk/MMLU/GSM8K parquet and identity JSONL into `folder` (prepare passes
+    <data_dir>/nanosft/demo) in nanochat's cache layout; return their paths.
+
+    A file already holding the right bytes is left alone (mtime included). A file that differs is replaced
+    only if this writer wrote it (its hash is in the folder's record); any other file stops the run with a
+    DataError before anything is written, so the writer never replaces a file it did not create."""
+    folder = Path(folder)
+    record_path = folder / RECORD_NAME
+    record = _load_record(record_path)
+    contents = demo_source_bytes(seed, sizes)
+    current: dict[str, str | None] = {}
+    for rel in contents:
+        path = folder / rel
+        if path.exists() and not path.is_file():
+            raise DataError("is in the demo's way and is not a file; move it away", file=path)
+        current[rel] = _sha256_file(path) if path.is_file() else None
+    for rel, data in contents.items():
+        digest = current[rel]
+        if digest is not None and digest != _sha256(data) and digest not in record.get(rel, []):
+            raise DataError(f"exists and was not written by the demo writer (or was changed since): refusing to "
+                            f"replace it. Move it away, or build the demo in another data dir (the demo writes "
+                            f"only inside {folder})", file=folder / rel)
     paths = []
-    for rel, data in demo_source_bytes(seed, sizes).items():
-        path = data_dir / rel
-        _write_if_changed(path, data)
+    for rel, data in contents.items():
+        path, new = folder / rel, _sha256(data)
+        if current[rel] != new:
+            record[rel] = sorted({*record.get(rel, []), new})  # the intent first: a crash mid-write stays ours
+            _save_record(record_path, record)
+            _write_atomic(path, data)
+        if record.get(rel) != [new]:
+            record[rel] = [new]
+            _save_record(record_path, record)
         paths.append(path)
     return paths
 
 
-def demo_tokenizer_texts(data_dir: Path) -> Iterator[str]:
+def demo_tokenizer_texts(folder: Path) -> Iterator[str]:
     """Every string of the written demo sources, in a fixed order: what the demo tokenizer trains on."""
-    data_dir = Path(data_dir)
+    data_dir = Path(folder)
     missing = [rel for rel in SOURCE_PATHS.values() if not (data_dir / rel).is_file()]
     if missing:
         raise SourceMissingError(f"demo source not found; write it with pipeline.demo_data.write_demo_sources "

@@ -1,7 +1,8 @@
 """Pack a snapshot into one zstandard-compressed tar: python -m pipeline.export SNAPSHOT FILE.tar.zst
 
 The archive holds one folder named like the snapshot; the manifest is its last member.
-Written to a temporary name and renamed, so a killed export leaves no half archive.
+Written to a temporary name and renamed, so a killed export leaves no half archive; an existing
+FILE is never replaced (choose another name, or remove it first).
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def export_snapshot(snapshot: Path, archive: Path, level: int = 10) -> Path:
     archive = Path(archive)
     if not archive.parent.is_dir():
         raise SnapshotError(f"folder {archive.parent} does not exist; create it first", file=archive)
+    if archive.exists() or archive.is_symlink():
+        raise SnapshotError("exists; export never replaces a file: remove it or choose another name", file=archive)
     tmp = archive.with_name(f".{archive.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as raw:
@@ -37,7 +40,12 @@ def export_snapshot(snapshot: Path, archive: Path, level: int = 10) -> Path:
                     info.mode = 0o644
                     with open(snapshot / name, "rb") as f:
                         tar.addfile(info, f)
-        os.replace(tmp, archive)
+        try:
+            os.link(tmp, archive)  # fails if a file appeared there meanwhile: still never replaces one
+        except FileExistsError:
+            raise SnapshotError("appeared while exporting; not replaced", file=archive) from None
+        except OSError:  # a filesystem without hard links
+            os.replace(tmp, archive)
     finally:
         if tmp.exists():
             tmp.unlink()

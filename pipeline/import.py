@@ -2,7 +2,7 @@
 
 Members must be regular files inside one top-level folder; anything else (absolute paths,
 `..`, links, devices) is refused before a byte is written. The snapshot is unpacked into a
-temporary folder, verified against its manifest, then renamed into <data_dir>/snapshots/.
+temporary folder, verified against its manifest, then renamed into <data_dir>/nanosft/snapshots/.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import zstandard
 
 from pipeline.cli import run_cli
 from pipeline.errors import SnapshotError
+from pipeline.layout import snapshots_dir
 from pipeline.manifest import verify_snapshot
 from pipeline.tempfiles import remove_stale_temps
 
@@ -48,7 +49,7 @@ def import_snapshot(archive: Path, data_dir: Path) -> Path:
     archive = Path(archive)
     if not archive.is_file():
         raise SnapshotError("archive not found", file=archive)
-    snapshots = Path(data_dir) / "snapshots"
+    snapshots = snapshots_dir(data_dir)
     snapshots.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(snapshots, ".import.tmp-*")  # left by a killed import
     tmp = snapshots / f".import.tmp-{os.getpid()}"
@@ -99,7 +100,8 @@ def import_snapshot(archive: Path, data_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.import", description=__doc__.split("\n")[0])
     ap.add_argument("archive", type=Path)
-    ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("NANOCHAT_BASE_DIR") or "data"))
+    ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("NANOCHAT_BASE_DIR") or "data"),
+                    help="unpacks into <data_dir>/nanosft/snapshots (default: NANOCHAT_BASE_DIR, else data)")
     args = ap.parse_args(argv)
 
     def body() -> int:

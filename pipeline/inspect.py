@@ -1,4 +1,4 @@
-"""Look inside a snapshot: python -m pipeline.inspect SNAPSHOT [--split train] [--row N] [--stats]
+"""Look inside a snapshot: python -m pipeline.inspect [SNAPSHOT] [--split train] [--row N] [--stats]
 
 `--row N` decodes one packed row: supervised tokens are highlighted, and each document
 boundary is marked with its global conversation id and task.
@@ -6,13 +6,14 @@ boundary is marked with its global conversation id and task.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from pipeline.cli import error, run_cli
 from pipeline.errors import SnapshotError
-from pipeline.manifest import load_manifest, shard_paths
+from pipeline.manifest import latest_snapshot, load_manifest, shard_paths
 from pipeline.shard_format import SplitReader
 
 SUP_ON, SUP_OFF = "\x1b[30;42m", "\x1b[0m"   # supervised span
@@ -58,7 +59,10 @@ def render_row(reader: SplitReader, row: int, decode, task_names: list[str], col
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.inspect", description=__doc__.split("\n")[0])
-    ap.add_argument("snapshot", type=Path)
+    ap.add_argument("snapshot", type=Path, nargs="?", help="snapshot folder (default: newest of --recipe)")
+    ap.add_argument("--recipe", default="demo")
+    ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("NANOCHAT_BASE_DIR") or "data"),
+                    help="looks in <data_dir>/nanosft/snapshots (default: NANOCHAT_BASE_DIR, else data)")
     ap.add_argument("--split", default="train", choices=["train", "val"])
     ap.add_argument("--row", type=int, help="decode this row (global index in the split)")
     ap.add_argument("--stats", action="store_true", help="per-task statistics")
@@ -70,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args) -> int:
     try:
+        if args.snapshot is None:
+            args.snapshot = latest_snapshot(args.data_dir, args.recipe)
         manifest = load_manifest(args.snapshot)
         if args.stats or args.row is None:
             print_stats(manifest)

@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline.cli import with_path
 from pipeline.errors import SnapshotError
+from pipeline.layout import snapshots_dir
 from pipeline.shard_format import FORMAT_VERSION, ShardReader
 
 MANIFEST_NAME = "manifest.json"
@@ -173,8 +174,11 @@ def _check_shard_rows(path: Path, entry: dict[str, Any], manifest: dict[str, Any
     meta = shard.meta
     _check_shard_meta(shard, entry, manifest)
     n_sup = shard.mask.sum(axis=1, dtype=np.int64)
-    if not np.array_equal(n_sup, shard.n_supervised) or (shard.num_rows and n_sup.min() <= 0):
-        raise SnapshotError("n_supervised does not match the mask, or a row has no supervised target", file=path)
+    if not np.array_equal(n_sup, shard.n_supervised):
+        raise SnapshotError("n_supervised does not match the mask", file=path)
+    if shard.num_rows and n_sup.min() <= 0 and manifest["recipe"].get("overlong") != "nanochat":
+        raise SnapshotError(f"row {int(np.argmin(n_sup))} has no supervised target (allowed only in "
+                            "overlong = 'nanochat' snapshots)", file=path)
     if shard.num_rows and int(shard.tokens.max()) >= meta.vocab_size:
         raise SnapshotError(f"a token id {int(shard.tokens.max())} is outside the vocabulary ({meta.vocab_size})",
                             file=path)
@@ -227,10 +231,14 @@ def snapshot_files(manifest: dict[str, Any]) -> list[str]:
 
 
 def latest_snapshot(data_dir: str | Path, recipe: str) -> Path:
-    """The most recently built finished snapshot of a recipe in a data dir."""
+    """The most recently built finished snapshot of a recipe in a data dir (<data_dir>/nanosft/snapshots)."""
     name = Path(recipe).stem
-    found = [p for p in (Path(data_dir) / "snapshots").glob(f"{name}-*") if (p / MANIFEST_NAME).is_file()]
+    folder = snapshots_dir(data_dir)
+    found = [p for p in folder.glob(f"{name}-*") if (p / MANIFEST_NAME).is_file()]
     if not found:
-        raise SnapshotError(f"no snapshot of recipe {name!r} under {Path(data_dir) / 'snapshots'}; "
+        old = [p for p in (Path(data_dir) / "snapshots").glob(f"{name}-*") if (p / MANIFEST_NAME).is_file()]
+        hint = (f" ({len(old)} found in the old layout's {Path(data_dir) / 'snapshots'}: move them into {folder},"
+                " or pass one with --snapshot)" if old else "")
+        raise SnapshotError(f"no snapshot of recipe {name!r} under {folder}{hint}; "
                             f"build one with `make prepare-data RECIPE={name} DATA_DIR={data_dir}`")
     return max(found, key=lambda p: (p / MANIFEST_NAME).stat().st_mtime)

@@ -8,7 +8,9 @@ Which packer when:
 - `bestfit-seed`: nanochat's original SFT loader rule (nanochat-reference §4.2-4.3), a buffer of 100
   conversations in stream order. Use it for parity with the original script: at world size 1 it gives the same
   rows, in the same order, up to the point where the original's buffer starts reading epoch 2; our stream ends
-  there and the last buffer drains by the same rule, so every conversation is trained exactly once.
+  there and the last buffer drains by the same rule, so every conversation is trained exactly once. Exact
+  token parity also needs upstream's lengths, i.e. the recipe's `overlong = "nanochat"` (its default with this
+  packer): cut at 2048 then to the row, nothing dropped (tests/test_parity.py).
 - `bestfit`: the same rule with a larger window (default 1% of the conversations, clamped to [100, 10_000]).
   Rows follow the stream, but padding stays well above the lower bound (0.26% at 2048, 0.96% at 512 on a
   1M-conversation mix: bench/bench_prepare.py), and a large window skews the first and last ~window

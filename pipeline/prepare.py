@@ -5,6 +5,7 @@
 Stages: sources → mixture order → render (cached, parallel) → pack plan (pure function of
 the lengths) → shards → manifest (last) → atomic rename of the snapshot folder → lock check.
 The last line printed is the snapshot path.
+Everything it writes lands under <data_dir>/nanosft/ (pipeline.layout); the inputs are only read.
 """
 from __future__ import annotations
 
@@ -25,19 +26,21 @@ import polars as pl
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
-from pipeline.cli import run_cli
+from pipeline.cli import error, run_cli
 from pipeline.cache import RenderedTask, RenderPool, cache_key
 from pipeline.errors import DataError, SnapshotError
+from pipeline.layout import owned_dir, render_cache_dir, snapshots_dir, source_root, tokenizers_dir
 from pipeline.manifest import (MANIFEST_NAME, SPLITS, TOKENIZER_NAME, compare_lock, content_sha256, load_manifest,
                                lock_entry, lock_path, sha256_file, snapshot_id, snapshot_identity, verify_snapshot,
                                write_json_atomic)
 from pipeline.mixture import mixture_order
 from pipeline.pack import PackPlan, lower_bound_rows, pack
 from pipeline.recipe import Recipe, TaskSpec, load_recipe, resolve_recipe_path
-from pipeline.render import TEMPLATE_VERSION
+from pipeline.render import NANOCHAT_MAX_TOKENS, TEMPLATE_VERSION
 from pipeline.shard_format import FORMAT_VERSION, ShardMeta, ShardRows, shard_filename, token_dtype, write_shard
 from pipeline.tasks import build_task
 from pipeline.tempfiles import remove_stale_temps
+from pipeline.tasks.source import with_recipe
 from pipeline.tokenizer import ChatTokenizer, load_tokenizer, save_tokenizer, train_tokenizer
 
 PACK_VERSION = 1  # bump when a packer's output for the same lengths changes
@@ -66,7 +69,7 @@ def resolve_tokenizer(recipe: Recipe, data_dir: Path, demo_texts) -> tuple[ChatT
                             "(it keeps tokenizer/tokenizer.pkl), or run nanochat's scripts.tok_train there",
                             field="tokenizer.path")
         return load_tokenizer(path), path
-    path = data_dir / "tokenizers" / f"{recipe.name}-v{spec.vocab_size}" / "tokenizer.pkl"
+    path = tokenizers_dir(data_dir) / f"{recipe.name}-v{spec.vocab_size}" / "tokenizer.pkl"
     if path.is_file():
         return load_tokenizer(path), path
     print(f"training a {spec.vocab_size}-token tokenizer on the {recipe.name} text (rustbpe)", file=sys.stderr)
@@ -136,28 +139,31 @@ def split_docs(recipe: Recipe, split: str, table: list[tuple[str, TaskSpec]], re
     task = entry_task[entry]
     full = np.zeros(len(order), dtype=np.int64)
     keep = np.ones(len(order), dtype=bool)
-    cap = recipe.row_capacity
+    nanochat = recipe.overlong == "nanochat"
+    cut = min(recipe.row_capacity, NANOCHAT_MAX_TOKENS) if nanochat else recipe.row_capacity
     for t in np.unique(task):
         sel = np.nonzero(task == t)[0]
         r = rendered[int(t)]
         c = counts[int(t)]
         n_full = r.lengths[local[sel]]
         bad = r.bad[local[sel]]
-        long = (n_full > cap) & ~bad
-        length = np.minimum(n_full, cap)
+        long = (n_full > cut) & ~bad
+        length = np.minimum(n_full, cut)
         if recipe.mask_policy == "all":
             sup = length - 1
         else:
             sup = r.supervised_after_first(local[sel], length)
         dropped_long = long if recipe.overlong == "drop" else np.zeros_like(long)
         empty = (sup <= 0) & ~bad & ~dropped_long
-        keep[sel] = ~(bad | dropped_long | empty)
+        kept_empty = empty if nanochat else np.zeros_like(empty)  # upstream keeps them: rows stay aligned
+        keep[sel] = ~(bad | dropped_long | (empty & ~kept_empty))
         full[sel] = length
         c["conversations"] += len(sel)
         c["bad"] += int(bad.sum())
         c["truncated"] += int((long & ~dropped_long).sum())
         c["dropped_long"] += int(dropped_long.sum())
-        c["dropped_unsupervised"] += int(empty.sum())
+        c["dropped_unsupervised"] += int((empty & ~kept_empty).sum())
+        c["kept_unsupervised"] += int(kept_empty.sum())
     pos = np.nonzero(keep)[0]
     return SplitDocs(entry=entry[pos], task=task[pos], local=local[pos], mixture_pos=pos.astype(np.int64),
                      length=full[pos])
@@ -228,17 +234,20 @@ def write_split(folder: Path, split: str, recipe: Recipe, tok: ChatTokenizer, do
         r0, r1 = s * recipe.rows_per_shard, min((s + 1) * recipe.rows_per_shard, plan.n_rows)
         rows = materialize(docs, plan, r0, r1, rendered, recipe.row_capacity, tok.bos_id, dtype, recipe.mask_policy)
         name = shard_filename(split, s, n_shards)
-        nbytes = write_shard(folder / name, rows, meta)
+        nbytes = write_shard(folder / name, rows, meta, allow_unsupervised=recipe.overlong == "nanochat")
         np.add.at(sup_by_task, rows.doc_tasks.astype(np.int64), doc_supervised(rows))
         entries.append({"file": name, "split": split, "rows": r1 - r0, "bytes": nbytes,
                         "tokens": int(rows.doc_lens.sum()), "supervised": int(rows.n_supervised.sum()),
+                        "unsupervised_rows": int((rows.n_supervised == 0).sum()),
                         "sha256": sha256_file(folder / name)})
     return entries
 
 
 # ----------------------------------------------------------------------------- report
 
-def summarize(name: str, plan: PackPlan, docs: SplitDocs, rows_sup: int, row_len: int) -> dict[str, Any]:
+def summarize(name: str, plan: PackPlan, docs: SplitDocs, entries: list[dict[str, Any]],
+              row_len: int) -> dict[str, Any]:
+    rows_sup = sum(e["supervised"] for e in entries)
     tokens = int(docs.length.sum())
     rows = plan.n_rows
     lb = lower_bound_rows(docs.length, row_len)
@@ -249,6 +258,7 @@ def summarize(name: str, plan: PackPlan, docs: SplitDocs, rows_sup: int, row_len
         "lower_bound_rows": lb,
         "lower_bound_pad_fraction": (lb * row_len - tokens) / (lb * row_len) if lb else 0.0,
         "supervised_fraction": rows_sup / slots if slots else 0.0,
+        "unsupervised_rows": sum(e["unsupervised_rows"] for e in entries),  # > 0 only with overlong = "nanochat"
     }
 
 
@@ -281,6 +291,9 @@ def print_report(stats: pl.DataFrame, splits: list[dict[str, Any]], errors: list
         print(f"{s['split']:5}: {s['rows']:,} rows, {s['tokens']:,} tokens, padding {100 * s['pad_fraction']:.3f}% "
               f"(lower bound {s['lower_bound_rows']:,} rows = {100 * s['lower_bound_pad_fraction']:.3f}%), "
               f"supervised {100 * s['supervised_fraction']:.1f}% of slots", file=out)
+        if s["unsupervised_rows"]:
+            print(f"{s['split']:5}: {s['unsupervised_rows']:,} rows with no supervised target, kept as nanochat "
+                  "keeps them (overlong = 'nanochat'); the trainer skips a step that has no target", file=out)
     for e in errors[:REPORT_ERRORS]:
         print(f"skipped: {e}", file=out)
 
@@ -301,7 +314,7 @@ def prepare(recipe_file: Path, data_dir: Path, workers: int, update_lock: bool =
 def build_lock(data_dir: Path, recipe_name: str, out) -> Iterator[None]:
     """One build of a recipe per data dir at a time (other recipes build alongside): a second run waits,
     then finds the snapshot the first published."""
-    path = data_dir / "cache" / "locks" / f"prepare-{recipe_name}.lock"
+    path = owned_dir(data_dir) / "locks" / f"prepare-{recipe_name}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(path)
     try:
@@ -340,17 +353,18 @@ def _prepare(recipe_file: Path, recipe: Recipe, data_dir: Path, workers: int, up
     t0 = time.time()
 
     demo_texts = None
+    sources = source_root(data_dir, recipe.demo is not None)  # inputs are read there, never written
     if recipe.demo is not None:
         from pipeline.demo_data import demo_tokenizer_texts, write_demo_sources
-        write_demo_sources(data_dir, seed=recipe.demo.seed, sizes=dict(recipe.demo.sizes) or None)
-        demo_texts = lambda: demo_tokenizer_texts(data_dir)  # noqa: E731
+        write_demo_sources(sources, seed=recipe.demo.seed, sizes=dict(recipe.demo.sizes) or None)
+        demo_texts = lambda: demo_tokenizer_texts(sources)  # noqa: E731
     elif recipe.tokenizer.source == "train":
         raise DataError("tokenizer.source = 'train' needs a [demo] section (the text it trains on)",
                         field="tokenizer.source")
     tok, tok_path = resolve_tokenizer(recipe, data_dir, demo_texts)
 
     table = task_table(recipe)
-    tasks = [build_task(spec, data_dir, f"{split}[{recipe_index(table, split, spec)}]", recipe_file)
+    tasks = [build_task(spec, sources, f"{split}[{recipe_index(table, split, spec)}]", recipe_file)
              for split, spec in table]
     check_empty_tasks(table, tasks, recipe.bad_rows, out)
     inputs = {}
@@ -365,7 +379,7 @@ def _prepare(recipe_file: Path, recipe: Recipe, data_dir: Path, workers: int, up
                                  input_hashes=[d["content_sha256"] for d in input_desc],
                                  tokenizer_fingerprint=tok.fingerprint)
     sid = snapshot_id(identity)
-    snapshots = data_dir / "snapshots"
+    snapshots = snapshots_dir(data_dir)
     final = snapshots / f"{recipe.name}-{sid}"
     lock_file = lock_path(recipe_file)
 
@@ -376,20 +390,22 @@ def _prepare(recipe_file: Path, recipe: Recipe, data_dir: Path, workers: int, up
             _check_lock(lock_file, manifest, update_lock, out)
             return final
         except SnapshotError as e:
-            print(f"snapshot {final.name} exists but fails verification ({e}); rebuilding it", file=out)
-            shutil.rmtree(final)
+            aside = final.with_name(f".{final.name}.failed-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+            os.replace(final, aside)  # kept for a look, not deleted: the rebuild takes its place
+            print(f"snapshot {final.name} exists but fails verification ({e}); moved it to {aside} (delete it "
+                  "when done) and rebuilding it", file=out)
 
     # render every distinct task once (cached across recipes and packers)
     rendered: dict[int, RenderedTask] = {}
     counts: dict[int, dict[str, int]] = {}
     errors: list[str] = []
-    cache_root = data_dir / "cache" / "render"
+    cache_root = render_cache_dir(data_dir)
     with RenderPool(tasks, tok, workers) as renderer:
         for i, ((split, spec), task) in enumerate(zip(table, tasks)):
             hashes = sorted(content_by_path[str(Path(p).resolve())] for p in task.inputs())
             rendered[i] = renderer.render(i, cache_key(spec, hashes, tok.fingerprint), cache_root)
             counts[i] = {"conversations": 0, "bad": 0, "truncated": 0, "dropped_long": 0,
-                         "dropped_unsupervised": 0}
+                         "dropped_unsupervised": 0, "kept_unsupervised": 0}
             bad = rendered[i].errors
             if bad and recipe.bad_rows == "fail":
                 first = bad[0]
@@ -418,8 +434,7 @@ def _prepare(recipe_file: Path, recipe: Recipe, data_dir: Path, workers: int, up
             plan = pack(docs.length, recipe.row_capacity, recipe.packing.method, **recipe.packing.options)
             entries = write_split(tmp, split, recipe, tok, docs, plan, rendered, sup_by_task)
             shard_entries += entries
-            split_summaries.append(summarize(split, plan, docs, sum(e["supervised"] for e in entries),
-                                             recipe.row_capacity))
+            split_summaries.append(summarize(split, plan, docs, entries, recipe.row_capacity))
         stats = task_stats(table, counts, docs_by_split, sup_by_task)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -491,6 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         try:
             path = prepare(resolve_recipe_path(args.recipe), args.data_dir, args.workers, args.update_lock)
+        except DataError as e:  # the missing-source messages name the fetch command with this recipe
+            return error(with_recipe(str(e), args.recipe))
         except LockMismatch as e:  # the snapshot was kept: its own exit code and the full diff
             print(f"error: {e}", file=sys.stderr)
             return 3

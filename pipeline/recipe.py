@@ -35,7 +35,14 @@ class TaskSpec:
 
 
 MASK_POLICIES = ("assistant", "all")
-OVERLONG_POLICIES = ("truncate", "drop")
+# What happens to a conversation longer than a row (max_seq_len + 1 tokens), or left with no supervised target:
+# - truncate (the default): cut it to the row; drop it if no target is left (design §3: every row has a target).
+# - drop: drop it if longer than a row; drop it if it has no target.
+# - nanochat (the default with packing.method = "bestfit-seed"): exactly upstream's loader, for parity. Cut to
+#   render_conversation's max_tokens=2048 whatever the row size, then to the row (upstream's crop fix 68894d6),
+#   and keep every conversation, even one left with no target. Rows without a target are then allowed in the
+#   shards (counted in the manifest); the trainer skips a step that has no target at all.
+OVERLONG_POLICIES = ("truncate", "drop", "nanochat")
 BAD_ROW_POLICIES = ("fail", "skip")
 PACKERS = ("bestfit-seed", "bestfit", "bfd-shuffle", "bfd-blocks")
 TOKENIZER_SOURCES = ("file", "train")
@@ -187,7 +194,6 @@ def parse_recipe(data: Mapping[str, Any], file: str = "<recipe>") -> Recipe:
     description = f.get("description", str, "")
     max_seq_len = f.positive("max_seq_len")
     mask_policy = f.get("mask_policy", str, "assistant", MASK_POLICIES)
-    overlong = f.get("overlong", str, "truncate", OVERLONG_POLICIES)
     bad_rows = f.get("bad_rows", str, "fail", BAD_ROW_POLICIES)
     mixture_seed = f.get("mixture_seed", int, 42)
     rows_per_shard = f.positive("rows_per_shard", 8192)
@@ -206,6 +212,9 @@ def parse_recipe(data: Mapping[str, Any], file: str = "<recipe>") -> Recipe:
     method = p.get("method", str, "bfd-blocks", PACKERS)
     packing = PackingSpec(method=method, options={k: v for k, v in p.table.items() if k != "method"})
     p.used.update(p.table)
+    # bestfit-seed exists for parity with upstream, so it cuts and keeps conversations as upstream does unless
+    # the recipe says otherwise; every other packer gets the better default
+    overlong = f.get("overlong", str, "nanochat" if method == "bestfit-seed" else "truncate", OVERLONG_POLICIES)
 
     demo = None
     if "demo" in f.table:

@@ -11,6 +11,7 @@ from pipeline.tokenizer import ChatTokenizer
 TEMPLATE_VERSION = 1  # bump whenever the rendered bytes change
 
 MASK_POLICIES = ("assistant", "all")
+NANOCHAT_MAX_TOKENS = 2048  # nanochat's render_conversation(max_tokens=2048) default; `overlong = "nanochat"` cuts here
 PART_TYPES = ("text", "python", "python_output")
 
 

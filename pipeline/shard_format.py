@@ -98,7 +98,7 @@ class ShardRows:
         return self.mask.sum(axis=1, dtype=np.int64).astype(np.int32)
 
 
-def _record_batch(rows: ShardRows, meta: ShardMeta) -> pa.RecordBatch:
+def _record_batch(rows: ShardRows, meta: ShardMeta, allow_unsupervised: bool = False) -> pa.RecordBatch:
     n, row_len = rows.tokens.shape
     if row_len != meta.row_len or rows.mask.shape != rows.tokens.shape:
         raise ValueError(f"rows are {rows.tokens.shape}/{rows.mask.shape}, expected (*, {meta.row_len})")
@@ -107,7 +107,7 @@ def _record_batch(rows: ShardRows, meta: ShardMeta) -> pa.RecordBatch:
     mask = np.ascontiguousarray(rows.mask, dtype=np.uint8).reshape(-1)
     offsets = pa.array(np.asarray(rows.doc_offsets, dtype=np.int32))
     n_supervised = rows.n_supervised
-    if n and n_supervised.min() <= 0:
+    if n and n_supervised.min() <= 0 and not allow_unsupervised:
         raise ValueError(f"row {int(np.argmin(n_supervised))} has no supervised target")
     arrays = [
         pa.FixedSizeListArray.from_arrays(pa.array(tokens), row_len),
@@ -120,10 +120,13 @@ def _record_batch(rows: ShardRows, meta: ShardMeta) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(arrays, schema=schema)
 
 
-def write_shard(path: Path, rows: ShardRows, meta: ShardMeta) -> int:
-    """Write one shard atomically (temp name, fsync, rename); returns its size in bytes."""
+def write_shard(path: Path, rows: ShardRows, meta: ShardMeta, allow_unsupervised: bool = False) -> int:
+    """Write one shard atomically (temp name, fsync, rename); returns its size in bytes.
+
+    A row without a supervised target is refused unless `allow_unsupervised` (only `overlong = "nanochat"`
+    snapshots, which keep upstream's rows exactly, set it)."""
     path = Path(path)
-    batch = _record_batch(rows, meta)
+    batch = _record_batch(rows, meta, allow_unsupervised)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with pa.OSFile(str(tmp), "wb") as sink:

@@ -6,30 +6,11 @@ other's work (a pid in use by an unrelated process just keeps its temp until a l
 """
 from __future__ import annotations
 
-import os
-import re
 import shutil
 from pathlib import Path
 
-_PID = re.compile(r"\.tmp-(\d+)$")
+from pipeline.layout import is_stale_temp
 
-
-def tmp_name(path: Path) -> Path:
-    """`folder/.name.tmp-<pid>`: a hidden temp beside `path`, owned by this process."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, another user's
-        return True
-    return True
 
 
 def remove_stale_temps(folder: Path, pattern: str = ".*.tmp-*") -> list[Path]:
@@ -39,8 +20,7 @@ def remove_stale_temps(folder: Path, pattern: str = ".*.tmp-*") -> list[Path]:
     if not folder.is_dir():
         return removed
     for p in folder.glob(pattern):
-        m = _PID.search(p.name)
-        if m is None or pid_alive(int(m.group(1))):
+        if not is_stale_temp(p):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -13,7 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.verify", description=__doc__)
     ap.add_argument("snapshot", type=Path, nargs="?", help="snapshot folder (default: newest of --recipe)")
     ap.add_argument("--recipe", default="demo")
-    ap.add_argument("--data-dir", type=Path, default=Path("data"))
+    ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("NANOCHAT_BASE_DIR") or "data"),
+                    help="looks in <data_dir>/nanosft/snapshots (default: NANOCHAT_BASE_DIR, else data)")
     ap.add_argument("--quick", action="store_true", help="sizes only, no hashes or row checks")
     args = ap.parse_args(argv)
     try:

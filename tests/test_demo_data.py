@@ -6,6 +6,7 @@ recomputes the answer here with its own parser, independent of the generator's c
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.demo_data import (DEFAULT_SIZES, DEMO_SOURCES_VERSION, demo_tokenizer_texts,
+from pipeline.demo_data import (DEFAULT_SIZES, DEMO_SOURCES_VERSION, RECORD_NAME, demo_tokenizer_texts,
                                 write_demo_sources)
 from pipeline.errors import DataError, SourceMissingError
 
@@ -51,7 +52,9 @@ def rows(path: Path) -> list[dict]:
 
 
 def all_files(d: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+    """The demo files under d (the writer's own record apart)."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()
+            and p.name != RECORD_NAME}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -76,8 +79,12 @@ def test_layout_schemas_and_row_counts(demo):
         assert got == SCHEMAS[template], rel
     lines = (demo / IDENTITY).read_text(encoding="utf-8").splitlines()
     assert len(lines) == DEFAULT_SIZES["identity"]
-    # nothing else is written (no temp files left behind)
+    # nothing else is written (no temp files left behind) but the writer's record of what it wrote
     assert sorted(all_files(demo)) == sorted([*expected, IDENTITY])
+    assert sorted(str(p.relative_to(demo)) for p in demo.rglob("*") if p.is_file()) == sorted(
+        [*expected, IDENTITY, RECORD_NAME])
+    record = json.loads((demo / RECORD_NAME).read_text())["files"]
+    assert record == {rel: [hashlib.sha256(data).hexdigest()] for rel, data in all_files(demo).items()}
 
 
 def test_returned_paths_and_custom_sizes(tmp_path):
@@ -144,19 +151,38 @@ def test_one_size_does_not_change_the_other_files(tmp_path):
     assert rows(tmp_path / "b" / SMOL.format(split="train"))[:20] == rows(tmp_path / "a" / SMOL.format(split="train"))
 
 
-def test_rerun_keeps_identical_files_and_repairs_changed_ones(tmp_path):
+def test_rerun_keeps_identical_files_and_replaces_only_its_own(tmp_path):
     sizes = {"smoltalk_train": 10, "identity": 5}
     paths = write_demo_sources(tmp_path, sizes=sizes)
     old = 1_000_000_000
     for p in paths:
         os.utime(p, (old, old))
-    broken = paths[0]
-    original = broken.read_bytes()
-    broken.write_bytes(b"not parquet")
-    os.utime(broken, (old, old))
     write_demo_sources(tmp_path, sizes=sizes)
-    assert broken.read_bytes() == original and broken.stat().st_mtime != old
-    assert all(p.stat().st_mtime == old for p in paths[1:])
+    assert all(p.stat().st_mtime == old for p in paths)  # identical files are not rewritten
+    # other sizes: the files it wrote itself are replaced, the rest left alone
+    write_demo_sources(tmp_path, sizes={**sizes, "smoltalk_train": 12})
+    smol = tmp_path / SMOL.format(split="train")
+    assert pq.ParquetFile(smol).metadata.num_rows == 12 and smol.stat().st_mtime != old
+    assert all(p.stat().st_mtime == old for p in paths if p != smol)
+    write_demo_sources(tmp_path, sizes=sizes)  # and back
+    assert pq.ParquetFile(smol).metadata.num_rows == 10
+
+
+@pytest.mark.parametrize("how", ["edited", "foreign"])
+def test_a_file_it_did_not_write_is_never_replaced(tmp_path, how):
+    """An edited demo file, or a user's file at a demo path with no record of it: refused, nothing written."""
+    sizes = {"smoltalk_train": 10, "identity": 5}
+    gsm = tmp_path / GSM.format(split="test")
+    if how == "edited":
+        write_demo_sources(tmp_path, sizes=sizes)
+    else:
+        gsm.parent.mkdir(parents=True)
+    gsm.write_bytes(b"a user's real GSM8K test split")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(DataError) as e:
+        write_demo_sources(tmp_path, sizes=sizes)
+    assert e.value.file == str(gsm) and "not written by the demo writer" in str(e.value)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written
 
 
 def test_version_is_an_int():

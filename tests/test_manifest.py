@@ -16,6 +16,7 @@ import zstandard
 from pipeline import export, inspect as inspect_cli, verify
 from pipeline.errors import SnapshotError
 from pipeline.export import export_snapshot
+from pipeline.layout import snapshots_dir
 from pipeline.manifest import (compare_lock, latest_snapshot, load_manifest, lock_entry, lock_path, sha256_file,
                                shard_paths, snapshot_files, snapshot_id, verify_snapshot, write_json_atomic)
 from pipeline.prepare import prepare
@@ -60,7 +61,7 @@ def built(tmp_path_factory):
 @pytest.fixture
 def snap(built, tmp_path):
     """A private copy of the built snapshot, free to tamper with."""
-    return Path(shutil.copytree(built, tmp_path / "snapshots" / built.name))
+    return Path(shutil.copytree(built, snapshots_dir(tmp_path) / built.name))
 
 
 def hashes(folder: Path) -> dict[str, str]:
@@ -190,12 +191,14 @@ def test_row_checks_catch_a_consistent_but_wrong_shard(snap, edit, message):
 
 
 def test_verify_finds_the_newest_snapshot_of_a_recipe(snap, tmp_path, capsys):
-    data = snap.parent.parent
+    data = snap.parents[2]
     assert latest_snapshot(data, "tiny") == snap
     assert verify.main(["--recipe", "tiny", "--data-dir", str(data)]) == 0
     assert str(snap) in capsys.readouterr().out
     assert verify.main(["--recipe", "other", "--data-dir", str(data)]) == 1
     assert "no snapshot of recipe 'other'" in capsys.readouterr().err
+    assert inspect_cli.main(["--recipe", "tiny", "--data-dir", str(data), "--stats"]) == 0  # inspect finds it too
+    assert inspect_cli.main(["--recipe", "other", "--data-dir", str(data)]) == 1
 
 
 # ----------------------------------------------------------------------------- ids and locks
@@ -296,6 +299,11 @@ def test_export_import_round_trip(snap, tmp_path, capsys):
     assert capsys.readouterr().out.strip() == str(archive)
     again = export_snapshot(snap, tmp_path / "again.tar.zst")
     assert again.read_bytes() == archive.read_bytes()  # reproducible archive bytes
+    mine = tmp_path / "mine.tar.zst"
+    mine.write_bytes(b"someone else's file")
+    assert export.main([str(snap), str(mine)]) == 1  # an existing file is never replaced
+    assert "exists" in capsys.readouterr().err and mine.read_bytes() == b"someone else's file"
+    assert not list(tmp_path.glob(".*.tmp-*"))
 
     with zstandard.ZstdDecompressor().stream_reader(archive.open("rb")) as z, tarfile.open(fileobj=z, mode="r|") as t:
         members = [(mem.name, mem.isfile()) for mem in t]
@@ -303,11 +311,11 @@ def test_export_import_round_trip(snap, tmp_path, capsys):
 
     other = tmp_path / "other-data"
     assert importer.main([str(archive), "--data-dir", str(other)]) == 0
-    imported = other / "snapshots" / snap.name
+    imported = snapshots_dir(other) / snap.name
     assert capsys.readouterr().out.strip() == str(imported)
     assert hashes(imported) == hashes(snap)
     verify_snapshot(imported, full=True)
-    assert sorted(p.name for p in (other / "snapshots").iterdir()) == [snap.name]  # no temp folder left
+    assert sorted(p.name for p in snapshots_dir(other).iterdir()) == [snap.name]  # no temp folder left
     assert import_snapshot(archive, other) == imported  # importing twice keeps the verified copy
 
 
@@ -366,8 +374,8 @@ def test_import_refuses_archives_that_could_escape(snap, tmp_path, case, reason)
         import_snapshot(archive, target)
     assert e.value.file == str(archive)
     assert not outside.exists() and not (tmp_path / "evil").exists()
-    assert list((target / "snapshots").iterdir()) == []  # nothing unpacked, no temp folder left
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tar.zst", "snapshots", "target"]
+    assert list(snapshots_dir(target).iterdir()) == []  # nothing unpacked, no temp folder left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.tar.zst", "nanosft", "target"]
 
 
 @pytest.mark.parametrize("damage", ["flip-early", "flip-middle", "flip-late", "truncate", "garbage", "empty-tar",
@@ -398,4 +406,4 @@ def test_import_refuses_a_corrupted_archive(snap, tmp_path, damage):
     target = tmp_path / "target"
     with pytest.raises(SnapshotError):
         import_snapshot(archive, target)
-    assert list((target / "snapshots").iterdir()) == []
+    assert list(snapshots_dir(target).iterdir()) == []

@@ -16,7 +16,8 @@ def original_bestfit(lengths, row_capacity, buffer_size=100):
     """nanochat-reference §4.2-4.3 at world size 1, written out literally (list buffer, scan, pop).
 
     The stream is finite: refill stops after the last conversation and the buffer drains by the same rule.
-    Returns rows as lists of conversation ids.
+    Returns rows as lists of conversation ids. Lengths only: the token-level reference (upstream's cut at 2048,
+    the crop to the row, target-free conversations kept, both mask variants) is in tests/test_parity.py.
     """
     conv_buffer = []  # (id, length) in buffer order
     cursor = 0

@@ -23,6 +23,7 @@ import pytest
 import pipeline.cache as cache
 import pipeline.prepare as prep
 from pipeline.errors import DataError, SnapshotError
+from pipeline.layout import demo_dir, render_cache_dir, snapshots_dir, tokenizers_dir
 from pipeline.manifest import latest_snapshot, load_manifest, lock_entry, lock_path, sha256_file, shard_paths, verify_snapshot
 from pipeline.mixture import mixture_order
 from pipeline.prepare import LockMismatch, prepare
@@ -159,7 +160,7 @@ def check_snapshot_rows(recipe_path: Path, data_dir: Path, snap: Path) -> None:
 
 def test_snapshot_verifies_and_is_self_contained(base):
     m = verify_snapshot(base.snap, full=True)
-    assert base.snap.parent == base.data.resolve() / "snapshots"
+    assert base.snap.parent == base.data.resolve() / "nanosft" / "snapshots"
     assert base.snap.name == f"small-{m['snapshot_id']}"
     assert m["max_seq_len"] == 256 and m["tokenizer"]["vocab_size"] == 512
     assert load_tokenizer(base.snap / "tokenizer.pkl").fingerprint == m["tokenizer"]["fingerprint"]
@@ -176,7 +177,7 @@ def test_snapshot_verifies_and_is_self_contained(base):
 def test_rows_are_the_rendered_conversations_of_their_doc_ids(base):
     stats = {(t["split"], t["name"]): t for t in base.manifest["stats"]["tasks"]}
     assert stats["train", "smoltalk"]["truncated"] > 0  # the truncation path is exercised
-    check_snapshot_rows(base.recipe, base.data, base.snap)
+    check_snapshot_rows(base.recipe, demo_dir(base.data), base.snap)
 
 
 def test_workers_do_not_change_the_bytes(base, tmp_path, monkeypatch):
@@ -217,6 +218,10 @@ def test_rebuild_is_byte_identical_and_a_finished_snapshot_is_kept(base, tmp_pat
     assert prepare(recipe, data, 1, out=out) == snap  # a damaged snapshot is rebuilt, not trusted
     assert "fails verification" in out.getvalue()
     assert file_hashes(snap) == base.hashes
+    aside = [p for p in snap.parent.iterdir() if p.name.startswith(f".{snap.name}.failed-")]
+    assert len(aside) == 1 and (aside[0] / shard.name).read_bytes() == bytes(raw)  # moved aside, not deleted
+    assert str(aside[0]) in out.getvalue()
+    shutil.rmtree(aside[0])
 
     shutil.rmtree(snap)
     assert prep.main(["--recipe", str(recipe), "--data-dir", str(data), "--workers", "1"]) == 0
@@ -228,7 +233,7 @@ def test_lock_file_pins_the_snapshot(base, tmp_path, capsys):
     folder = tmp_path / "r"
     recipe = write_recipe(folder)
     data = tmp_path / "data"
-    shutil.copytree(base.data / "tokenizers", data / "tokenizers")
+    shutil.copytree(tokenizers_dir(base.data), tokenizers_dir(data))
     first = build(recipe, data)
     lock_file = folder / "small.lock.json"
     lock = json.loads(lock_file.read_text())
@@ -243,7 +248,7 @@ def test_lock_file_pins_the_snapshot(base, tmp_path, capsys):
         assert "snapshot id" in msg and "--update-lock" in msg and "kept" in msg
         assert "train-00000-of-" in msg  # the differing shard hashes are listed
         assert json.loads(lock_file.read_text()) == lock  # the lock is not touched
-        changed = [p for p in (data / "snapshots").iterdir() if p != first and p.name.startswith("small-")]
+        changed = [p for p in snapshots_dir(data).iterdir() if p != first and p.name.startswith("small-")]
         assert len(changed) == 1 and verify_snapshot(changed[0])  # the new snapshot is kept, complete
         assert prep.main(["--recipe", str(recipe), "--data-dir", str(data), "--workers", "1"]) == 3
         assert "SNAPSHOT DIFFERS" in capsys.readouterr().err
@@ -263,7 +268,7 @@ def test_mask_policy_all_supervises_every_real_token(base, tmp_path):
     recipe = write_recipe(tmp_path / "r", mask_policy="all")
     snap = build(recipe, base.data)  # same data dir: the render cache serves both policies
     assert snap != base.snap
-    check_snapshot_rows(recipe, base.data, snap)
+    check_snapshot_rows(recipe, demo_dir(base.data), snap)
     m = load_manifest(snap)
     drops = sum(t["dropped_unsupervised"] for t in base.manifest["stats"]["tasks"])
     assert drops == 0  # so both policies place the same conversations into the same rows
@@ -286,7 +291,7 @@ def test_mask_policy_all_supervises_every_real_token(base, tmp_path):
 def test_overlong_drop_versus_truncate(base, tmp_path):
     recipe = write_recipe(tmp_path / "r", overlong="drop")
     snap = build(recipe, base.data)
-    check_snapshot_rows(recipe, base.data, snap)
+    check_snapshot_rows(recipe, demo_dir(base.data), snap)
     trunc = {(t["split"], t["name"]): t for t in base.manifest["stats"]["tasks"]}
     drop = {(t["split"], t["name"]): t for t in load_manifest(snap)["stats"]["tasks"]}
     assert sum(t["truncated"] for t in trunc.values()) > 0
@@ -356,15 +361,15 @@ def test_conversations_cut_before_any_target(base, tmp_path, overlong, mask_poli
                                              dropped_unsupervised, truncated):
     """A long user turn pushes the answer past the row: under `assistant` nothing is left to learn from."""
     data = tmp_path / "data"
-    shutil.copytree(base.data / "tokenizers", data / "tokenizers")
+    shutil.copytree(tokenizers_dir(base.data), tokenizers_dir(data))
     long_text = " ".join(f"filler{i}" for i in range(400))
     long_q = {"messages": [{"role": "user", "content": long_text}, {"role": "assistant", "content": "ok"}]}
     long_a = {"messages": [{"role": "user", "content": "tell me"}, {"role": "assistant", "content": long_text}]}
     src = write_jsonl(data / "mychat.jsonl", 20, {3: long_q, 9: long_q, 14: long_a})
     recipe = write_recipe(tmp_path / "r", overlong=overlong, mask_policy=mask_policy,
-                          train=CHAT_TRAIN.format(path=src.name), val=CHAT_VAL)
+                          train=CHAT_TRAIN.format(path=src.as_posix()), val=CHAT_VAL)
     snap = build(recipe, data)
-    check_snapshot_rows(recipe, data, snap)
+    check_snapshot_rows(recipe, demo_dir(data), snap)
     mine = next(t for t in load_manifest(snap)["stats"]["tasks"] if t["name"] == "mychat")
     assert (mine["dropped_long"], mine["dropped_unsupervised"], mine["truncated"]) == (
         dropped_long, dropped_unsupervised, truncated)
@@ -374,7 +379,7 @@ def test_conversations_cut_before_any_target(base, tmp_path, overlong, mask_poli
 @pytest.mark.parametrize("case", ["role", "json", "content", "parquet-column", "parquet-role"])
 def test_bad_input_fails_naming_file_row_field_and_writes_nothing(base, tmp_path, case, capsys):
     data = tmp_path / "data"
-    shutil.copytree(base.data / "tokenizers", data / "tokenizers")
+    shutil.copytree(tokenizers_dir(base.data), tokenizers_dir(data))
     if case == "role":
         src, expect = write_jsonl(data / "mychat.jsonl", 12, {7: WRONG_ROLE}), ["row 7", "messages[1].role"]
     elif case == "json":
@@ -385,7 +390,7 @@ def test_bad_input_fails_naming_file_row_field_and_writes_nothing(base, tmp_path
         src, expect = bad_parquet_missing_column(data / "mychat.parquet"), ["missing column 'messages'", "messages"]
     else:
         src, expect = bad_parquet_role(data / "mychat.parquet"), ["row 3", "messages[0].role"]
-    recipe = write_recipe(tmp_path / "r", train=CHAT_TRAIN.format(path=src.name), val=CHAT_VAL)
+    recipe = write_recipe(tmp_path / "r", train=CHAT_TRAIN.format(path=src.as_posix()), val=CHAT_VAL)
     with pytest.raises(DataError) as e:
         build(recipe, data)
     msg = str(e.value)
@@ -393,7 +398,7 @@ def test_bad_input_fails_naming_file_row_field_and_writes_nothing(base, tmp_path
     assert e.value.file == str(src.resolve())  # the location travels as attributes too, not only as text
     if case in ("role", "content", "parquet-role"):
         assert e.value.row is not None and e.value.field in msg
-    snapshots = data / "snapshots"
+    snapshots = snapshots_dir(data)
     assert not snapshots.exists() or list(snapshots.iterdir()) == []  # no snapshot, no temp folder
     assert not list(data.rglob("*.tmp-*"))
     assert not lock_path(recipe).exists()
@@ -403,9 +408,9 @@ def test_bad_input_fails_naming_file_row_field_and_writes_nothing(base, tmp_path
 
 def test_bad_rows_skip_counts_and_lists_them(base, tmp_path):
     data = tmp_path / "data"
-    shutil.copytree(base.data / "tokenizers", data / "tokenizers")
+    shutil.copytree(tokenizers_dir(base.data), tokenizers_dir(data))
     src = write_jsonl(data / "mychat.jsonl", 30, {5: NOT_A_STRING, 7: WRONG_ROLE})
-    recipe = write_recipe(tmp_path / "r", bad_rows="skip", train=CHAT_TRAIN.format(path=src.name), val=CHAT_VAL)
+    recipe = write_recipe(tmp_path / "r", bad_rows="skip", train=CHAT_TRAIN.format(path=src.as_posix()), val=CHAT_VAL)
     snap = build(recipe, data)
     m = verify_snapshot(snap)
     stats = {(t["split"], t["name"]): t for t in m["stats"]["tasks"]}
@@ -444,16 +449,16 @@ prep.prepare(Path(sys.argv[1]), Path(sys.argv[2]), 1)
 
 def test_killed_build_leaves_nothing_that_looks_complete(base, tmp_path):
     data = tmp_path / "data"
-    shutil.copytree(base.data / "tokenizers", data / "tokenizers")
+    shutil.copytree(tokenizers_dir(base.data), tokenizers_dir(data))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", KILLER, str(base.recipe), str(data)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    assert list((data / "cache" / "render").glob("*/info.json"))  # it died after rendering
-    left = list((data / "snapshots").iterdir())
+    assert list(render_cache_dir(data).glob("*/info.json"))  # it died after rendering
+    left = list(snapshots_dir(data).iterdir())
     assert len(left) == 1 and left[0].name.startswith(".")  # only a hidden temp folder
     assert len(list(left[0].glob("*.arrow"))) == 2 and not (left[0] / "manifest.json").exists()
-    assert not list((data / "snapshots").rglob("manifest.json"))
+    assert not list(snapshots_dir(data).rglob("manifest.json"))
     with pytest.raises(SnapshotError, match="not a finished snapshot"):
         verify_snapshot(left[0])
     with pytest.raises(SnapshotError, match="no snapshot"):
@@ -461,12 +466,12 @@ def test_killed_build_leaves_nothing_that_looks_complete(base, tmp_path):
 
     snap = build(base.recipe, data)
     assert file_hashes(snap) == base.hashes  # same bytes as the uninterrupted build
-    assert [p.name for p in (data / "snapshots").iterdir()] == [snap.name]  # the stale temp folder is gone
+    assert [p.name for p in snapshots_dir(data).iterdir()] == [snap.name]  # the stale temp folder is gone
 
 
 def test_failed_write_cleans_up(base, tmp_path, monkeypatch):
     data = tmp_path / "data"
-    shutil.copytree(base.data / "tokenizers", data / "tokenizers")
+    shutil.copytree(tokenizers_dir(base.data), tokenizers_dir(data))
     real, calls = prep.write_shard, []
 
     def failing(*args, **kwargs):
@@ -477,6 +482,6 @@ def test_failed_write_cleans_up(base, tmp_path, monkeypatch):
     monkeypatch.setattr(prep, "write_shard", failing)
     with pytest.raises(OSError, match="simulated"):
         build(base.recipe, data)
-    assert list((data / "snapshots").iterdir()) == []
+    assert list(snapshots_dir(data).iterdir()) == []
     monkeypatch.undo()
     assert file_hashes(build(base.recipe, data)) == base.hashes

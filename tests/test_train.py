@@ -448,3 +448,56 @@ def test_rewrite_metrics_keeps_one_record_per_step(tmp_path):
     assert kept == recs[:4]
     assert [json.loads(line) for line in path.read_text().splitlines()] == recs[:4]
     assert train_mod.rewrite_metrics(path, 0) == [] and path.read_text() == ""
+
+
+# --- target-free steps (overlong = "nanochat" snapshots) -------------------------------------
+
+def _target_free_copy(snapshot: Path, dest: Path, rows: int) -> Path:
+    """A copy of the snapshot as `overlong = "nanochat"` could write it: its first `rows` train rows hold no
+    supervised target (upstream keeps conversations whose targets were cut away)."""
+    from pipeline.manifest import sha256_file, verify_snapshot, write_json_atomic
+    from pipeline.shard_format import ShardReader, ShardRows, write_shard
+    copy = dest / snapshot.name
+    shutil.copytree(snapshot, copy)
+    m = load_manifest(copy)
+    entry = next(s for s in m["shards"] if s["split"] == "train")
+    path = copy / entry["file"]
+    r = ShardReader(path)
+    new = ShardRows(tokens=np.array(r.tokens), mask=np.array(r.mask), doc_offsets=np.array(r.doc_offsets),
+                    doc_lens=np.array(r.doc_lens), doc_ids=np.array(r.doc_ids), doc_tasks=np.array(r.doc_tasks))
+    meta = r.meta
+    del r
+    new.mask[:rows] = 0
+    with pytest.raises(ValueError, match="has no supervised target"):
+        write_shard(path, new, meta)  # refused by default
+    write_shard(path, new, meta, allow_unsupervised=True)
+    entry.update(bytes=path.stat().st_size, sha256=sha256_file(path), supervised=int(new.n_supervised.sum()))
+    m["recipe"]["overlong"] = "nanochat"
+    write_json_atomic(copy / "manifest.json", m)
+    verify_snapshot(copy, full=True)
+    return copy
+
+
+def test_step_without_a_supervised_target_is_skipped(snap, base, tmp_path, monkeypatch, capsys):
+    """Step 1's rows hold no target: no forward, no optimizer step, no NaN; the run goes on and the schedule
+    (LR of step 2 onward) is unchanged."""
+    data, snapshot = snap
+    copy = _target_free_copy(snapshot, tmp_path / "copy", rows=4)
+    steps, forwards = [], []
+    real_step, real_forward = train_mod.optimizer_step, GPT.forward
+    monkeypatch.setattr(train_mod, "optimizer_step", lambda *a: (steps.append(a[2]), real_step(*a)))
+
+    def forward(self, idx, targets=None, **kw):
+        if targets is not None and self.training:
+            forwards.append(int((targets >= 0).sum()))
+        return real_forward(self, idx, targets, **kw)
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    assert train_mod.main(args((data, copy), "--num-iterations", 3)) == 0
+    assert "step 00001/3 | skipped: its rows hold no supervised target" in capsys.readouterr().out
+    assert len(steps) == 2 and len(forwards) == 2 and min(forwards) > 0
+    recs = records(base / "chatsft_checkpoints" / "d2")
+    assert recs[0] == {"step": 1, "skipped": "no supervised target", "supervised": 0}
+    assert sorted(train_losses(base / "chatsft_checkpoints" / "d2")) == [2, 3]
+    assert all(np.isfinite(list(train_losses(base / "chatsft_checkpoints" / "d2").values())))
+

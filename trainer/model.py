@@ -21,6 +21,9 @@ from trainer.moe import MoE, update_expert_biases
 SMEAR_CHANNELS, VE_GATE_CHANNELS = 24, 12
 SOFTCAP, ROPE_BASE, QK_SCALE, ROTARY_OVERCOMPUTE = 15.0, 100_000, 1.2, 10
 _BLOCK_MASKS: dict = {}  # (T, left, device) -> BlockMask, for rows without document ids
+# FlexAttention kernel options for the training path (block sizes, warps, ...). None = inductor's defaults
+# for the card; bench/bench_train.py --flex-opts sets it to measure alternatives.
+FLEX_KERNEL_OPTIONS: dict | None = None
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -106,7 +109,7 @@ def attend(q, k, v, left: int, doc_ids=None, mask=None):
     """q (B, Hq, T, D), k/v (B, Hkv, T, D); GQA shares each kv head among Hq/Hkv query heads."""
     if mask is not None:
         flex = flex_attention if torch.compiler.is_compiling() else _compiled(flex_attention)
-        return flex(q, k, v, block_mask=mask, enable_gqa=True)
+        return flex(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=FLEX_KERNEL_OPTIONS)
     T, gqa = q.size(2), q.size(1) != k.size(1)
     if left >= T - 1 and doc_ids is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)

@@ -15,6 +15,7 @@ import gc
 import json
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -26,6 +27,7 @@ import torch.distributed as dist
 
 from pipeline.cli import run_cli
 from pipeline.tempfiles import remove_stale_temps
+from pipeline.layout import data_dir_of, demo_dir
 from pipeline.manifest import latest_snapshot, shard_paths, verify_snapshot
 from pipeline.shard_format import SplitReader
 from pipeline.tokenizer import load_tokenizer
@@ -50,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # input
     a("--snapshot", type=Path, help="snapshot folder (default: newest snapshot of --recipe in --data-dir)")
     a("--recipe", default="demo")
-    a("--data-dir", type=Path, default=Path("data"))
+    a("--data-dir", type=Path, default=None, help="data dir (default: NANOCHAT_BASE_DIR, else data)")
     a("--verify-data", action="store_true", help="recompute every shard hash at start (sizes are always checked)")
     a("--shuffle-rows", type=int, default=None, metavar="SEED", help="seeded row permutation per epoch")
     # nanochat chat_sft flags
@@ -90,7 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--loss-norm", choices=["token", "mean"], default="token")
     a("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: on CUDA)")
     a("--out-tag", default=None, help="checkpoint folder tag (default: the base model tag)")
-    return ap.parse_args(argv)
+    a("--overwrite", action="store_true", help="replace the run already in the output folder (else refused)")
+    args = ap.parse_args(argv)
+    args.data_dir_given = args.data_dir is not None
+    if args.data_dir is None:
+        args.data_dir = Path(os.environ.get("NANOCHAT_BASE_DIR") or "data")
+    return args
 
 
 # ----------------------------------------------------------------------------- setup
@@ -188,6 +195,51 @@ def check_compatible(model: GPT, manifest: dict, max_seq_len: int, args) -> None
                              f"({fp[:12]}): rebuild the snapshot with the base model's tokenizer")
 
 
+def describe_base_dir(args) -> str:
+    """Which folder holds base_checkpoints/ and receives chatsft_checkpoints/, and why: NANOCHAT_BASE_DIR,
+    when set, wins over --data-dir (as in nanochat, whose scripts read only the variable)."""
+    root, env = base_dir(args.data_dir), os.environ.get("NANOCHAT_BASE_DIR")
+    if not env:
+        why = f"--data-dir{'' if args.data_dir_given else ' (default)'}; NANOCHAT_BASE_DIR is not set"
+    elif not args.data_dir_given or Path(env).resolve() == Path(args.data_dir).resolve():
+        why = "NANOCHAT_BASE_DIR" + (" (the same folder as --data-dir)" if args.data_dir_given else "")
+    else:
+        why = (f"NANOCHAT_BASE_DIR is set and overrides --data-dir {args.data_dir} for checkpoints and ChatCORE "
+               "data, as in nanochat (unset it to use --data-dir)")
+    return (f"base dir {root} ({why}): base checkpoints from {root / PHASE_DIRS['base']}, "
+            f"SFT checkpoints to {root / PHASE_DIRS['sft']}")
+
+
+RUN_FILE = re.compile(r"model_\d+\.pt|meta_\d+\.json|optim_\d+_rank\d+\.pt|metrics\.jsonl|loss\.png")
+
+
+def run_files(out_dir: Path) -> list[Path]:
+    """The files a run writes into its checkpoint folder (nanochat's names, plus metrics and the plot)."""
+    return sorted(p for p in out_dir.iterdir() if RUN_FILE.fullmatch(p.name)) if out_dir.is_dir() else []
+
+
+def claim_output(out_dir: Path, args, master: bool, ddp: bool) -> None:
+    """A fresh run writes new files only: another run's checkpoints or metrics in its folder stop it, unless
+    it continues that run (--resume) or the user asks to replace it (--overwrite: that run's files go first,
+    so no stale step is left for nanochat's loader, which takes the largest)."""
+    if args.resume and args.overwrite:
+        raise TrainError(f"--resume continues the run in {out_dir}, --overwrite replaces it: pass one of them")
+    found = run_files(out_dir)
+    if args.resume:
+        return
+    if found and not args.overwrite:
+        raise TrainError(f"{out_dir} already holds a run ({len(found)} files, e.g. {found[-1].name}): continue it "
+                         "with --resume, start another beside it with --out-tag NAME, or replace it with --overwrite")
+    if args.overwrite:
+        if master:
+            for p in found:
+                p.unlink()
+        if ddp:
+            dist.barrier()  # every rank, whatever it listed: no rank starts writing before the old files are gone
+        if found:
+            print0(f"--overwrite: removed the previous run's {len(found)} files from {out_dir}")
+
+
 # ----------------------------------------------------------------------------- one step
 
 def forward_backward(step_model, batch: StepBatch, grad_accum: int, world: int, loss_norm: str) -> torch.Tensor:
@@ -234,6 +286,7 @@ def train(args) -> int:
            f"{val_rows.num_rows:,} val rows of {manifest['max_seq_len'] + 1} tokens")
     tok = load_tokenizer(snapshot / manifest["tokenizer"]["file"])
 
+    print0(describe_base_dir(args))
     model, base_optim, base_meta, tag = resolve_base(args, manifest, device)
     if args.max_seq_len is None:  # the snapshot fixes the row length; a base meta's max_seq_len does not apply
         max_seq_len = manifest["max_seq_len"]
@@ -261,6 +314,8 @@ def train(args) -> int:
     out_dir = base_dir(args.data_dir) / PHASE_DIRS["sft"] / (args.out_tag or tag)
     if master:
         check_writable(out_dir)  # now, not at the first save after an hour of training
+    claim_output(out_dir, args, master, ddp)
+    print0(f"output: {out_dir} ({'--resume' if args.resume else '--out-tag' if args.out_tag else 'the model tag'})")
     start_step, loop = 0, {"smooth_loss": 0.0, "best_val_bpb": None, "total_time": 0.0}
     if args.resume:
         start_step, loop = resume(args, out_dir, model, optimizer, manifest, world, device, B, rows_per_step)
@@ -310,11 +365,17 @@ def train(args) -> int:
         log({"step": step, "val_bpb": bpb})
         return bpb
 
+    # ChatCORE grades on the base dir's task data; the demo on its own generated test sets
+    eval_root = (demo_dir(data_dir_of(snapshot) or args.data_dir) if manifest["recipe"].get("demo")
+                 else base_dir(args.data_dir))
+    if args.chatcore_every > 0:
+        print0(f"ChatCORE reads its tasks from {eval_root}")
+
     def run_chatcore(step: int) -> None:
         from trainer.evaluate import chatcore
         model.eval()
         with torch.no_grad():
-            res = chatcore(model, tok, base_dir(args.data_dir), max_cat=args.chatcore_max_cat,
+            res = chatcore(model, tok, eval_root, max_cat=args.chatcore_max_cat,
                            max_sample=args.chatcore_max_sample, batch_size=B,
                            max_tokens=args.chatcore_max_tokens)
         model.train()
@@ -350,6 +411,13 @@ def train(args) -> int:
                 run_chatcore(step)
             t0 = time.time()
             batch = loader.next()
+            if batch.n_supervised == 0:  # only an overlong = "nanochat" snapshot has target-free rows (upstream's)
+                print0(f"step {step + 1:05d}/{num_steps} | skipped: its rows hold no supervised target "
+                       "(no forward, no optimizer step; the schedule goes on)")
+                log({"step": step + 1, "skipped": "no supervised target", "supervised": 0})
+                if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < stop_at:
+                    save(step + 1, val_bpb)
+                continue
             step_loss = forward_backward(step_model, batch, grad_accum, world, args.loss_norm)
             if ddp:
                 dist.all_reduce(step_loss)

@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline.errors import DataError, SourceMissingError
 from pipeline.tasks.base import Task, check_alternating
-from pipeline.tasks.source import jsonl_lines
+from pipeline.tasks.source import fetch_command, jsonl_lines
 
 PARAMS = {"path": ("str", "identity_conversations.jsonl")}
 
@@ -22,8 +22,8 @@ class CustomJSON(Task):
         super().__init__(name)
         self.path = Path(path) if Path(path).is_absolute() else Path(data_dir) / path
         if not self.path.is_file():
-            hint = f" (nanochat's identity file: curl -L -o {self.path} {IDENTITY_URL})" \
-                if self.path.name == "identity_conversations.jsonl" else ""
+            hint = f" (nanochat's identity file; to download it: {fetch_command(data_dir)})" \
+                if path == "identity_conversations.jsonl" else ""
             raise SourceMissingError(f"conversation file {self.path} does not exist{hint}", file=self.path)
         self.conversations: list[list[dict] | DataError] = []  # a bad line keeps its error until it is read
         self.lines: list[int] = []

@@ -9,6 +9,7 @@ import bisect
 import glob
 import json
 import re
+import shlex
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 import pyarrow.types as pat
 
 from pipeline.errors import DataError, SourceMissingError
+from pipeline.layout import owned_dir
 
 _GLOB_CHARS = set("*?[")
 
@@ -52,6 +54,34 @@ def expand_paths(data_dir: Path, paths: str | Sequence[str], what: str) -> list[
     return files
 
 
+RECIPE_PLACEHOLDER = "RECIPE=<recipe>"
+
+
+def fetch_command(data_dir: Path, eval_sets: bool = False) -> str:
+    """The command that downloads a recipe's sources (pipeline.fetch); the CLIs fill in the recipe.
+    ChatCORE's own test sets need no recipe: `--eval` fetches them."""
+    if eval_sets:
+        return f"make fetch-data DATA_DIR={shlex.quote(str(data_dir))} ARGS=--eval"
+    return f"make fetch-data {RECIPE_PLACEHOLDER} DATA_DIR={shlex.quote(str(data_dir))}"
+
+
+def with_recipe(message: str, recipe: str) -> str:
+    """An error message with the fetch command's recipe filled in (the tasks do not know its name)."""
+    return message.replace(RECIPE_PLACEHOLDER, f"RECIPE={shlex.quote(recipe)}")
+
+
+def fetch_record_path(data_dir: Path, relpath: str | Path) -> Path:
+    """Where pipeline.fetch records what it wrote at <data_dir>/<relpath>: inside nanosft's own folder."""
+    return owned_dir(data_dir) / "fetch" / f"{relpath}.json"
+
+
+def _complete(record: Path) -> bool:
+    try:
+        return json.loads(record.read_text(encoding="utf-8")).get("complete") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def find_source_files(data_dir: Path, repo: str, subset: str, split: str,
                       paths: str | Sequence[str] | None = None) -> list[Path]:
     """The parquet files of a Hub dataset split, in row order (nanochat concatenates them sorted by name)."""
@@ -59,15 +89,16 @@ def find_source_files(data_dir: Path, repo: str, subset: str, split: str,
     if paths is not None:
         return expand_paths(data_dir, paths, what)
     folder = hub_dir(data_dir, repo, subset, split)
+    command = fetch_command(data_dir, eval_sets=repo == "allenai/ai2_arc")
+    record = fetch_record_path(data_dir, folder.relative_to(data_dir))
+    if record.is_file() and not _complete(record):
+        raise SourceMissingError(f"{what}: the download into {folder} is not finished; to finish it: {command}",
+                                 file=folder)
     files = sorted(folder.glob("*.parquet"))
     if not files:
-        url = f"https://huggingface.co/api/datasets/{repo}/parquet/{subset}/{split}"
         raise SourceMissingError(
-            f"{what}: no parquet files in {folder}. To get them: GET {url} lists the parquet export's shard "
-            f"URLs; download each, in listed order, as 00000.parquet, 00001.parquet, ... into {folder}. "
-            f"Or run nanochat's own download (nanochat master caches Hub datasets in this layout) with "
-            f"NANOCHAT_BASE_DIR={Path(data_dir)}, or list the files in the task's `paths` param.",
-            file=folder)
+            f"{what}: no parquet files (00000.parquet, ...) in {folder}; to download them: {command} "
+            f"(or list the files in the task's `paths` param)", file=folder)
     return files
 
 

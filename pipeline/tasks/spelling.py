@@ -16,7 +16,7 @@ from typing import Any
 
 from pipeline.errors import DataError, SourceMissingError
 from pipeline.tasks.base import Task
-from pipeline.tasks.source import read_lines
+from pipeline.tasks.source import fetch_command, read_lines
 
 PARAMS = {"size": ("int", 1000), "split": ("str", "train"), "words": ("str?", None)}
 
@@ -80,9 +80,9 @@ def load_words(data_dir: Path, words: str | None) -> tuple[list[str], Path | Non
         return list(default_words()), None
     path = Path(words) if Path(words).is_absolute() else Path(data_dir) / words
     if not path.is_file():
-        raise SourceMissingError(f"word list {path} does not exist (nanochat's list: "
-                                 "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt)",
-                                 file=path)
+        hint = f"; to download it: {fetch_command(data_dir)}" if words == "words_alpha.txt" else ""
+        raise SourceMissingError(f"word list {path} does not exist (nanochat's list: https://raw.githubusercontent"
+                                 f".com/dwyl/english-words/refs/heads/master/words_alpha.txt){hint}", file=path)
     lines = read_lines(path)
     for k, w in enumerate(lines):
         if not w:
