@@ -198,7 +198,7 @@ def test_verify_finds_the_newest_snapshot_of_a_recipe(snap, tmp_path, capsys):
     assert verify.main(["--recipe", "other", "--data-dir", str(data)]) == 1
     assert "no snapshot of recipe 'other'" in capsys.readouterr().err
     assert inspect_cli.main(["--recipe", "tiny", "--data-dir", str(data), "--stats"]) == 0  # inspect finds it too
-    assert inspect_cli.main(["--recipe", "other", "--data-dir", str(data)]) == 1
+    assert inspect_cli.main(["--recipe", "other", "--data-dir", str(data)]) == 2  # error: exit 2, as every CLI
 
 
 # ----------------------------------------------------------------------------- ids and locks
@@ -301,7 +301,7 @@ def test_export_import_round_trip(snap, tmp_path, capsys):
     assert again.read_bytes() == archive.read_bytes()  # reproducible archive bytes
     mine = tmp_path / "mine.tar.zst"
     mine.write_bytes(b"someone else's file")
-    assert export.main([str(snap), str(mine)]) == 1  # an existing file is never replaced
+    assert export.main([str(snap), str(mine)]) == 2  # an existing file is never replaced
     assert "exists" in capsys.readouterr().err and mine.read_bytes() == b"someone else's file"
     assert not list(tmp_path.glob(".*.tmp-*"))
 

@@ -383,7 +383,7 @@ def test_target_free_rows_only_in_nanochat_snapshots(syn, tmp_path):
     import shutil
 
     from pipeline.errors import SnapshotError
-    from pipeline.manifest import write_json_atomic
+    from pipeline.manifest import manifest_identity, snapshot_id, write_json_atomic
     root, data, train, val = syn
     recipe = write_parity_recipe(root / "r", max_seq_len=512, mask_policy="assistant", overlong="nanochat",
                                  train=train, val=val)
@@ -393,6 +393,7 @@ def test_target_free_rows_only_in_nanochat_snapshots(syn, tmp_path):
     shutil.copytree(snap, copy)
     m = load_manifest(copy)
     m["recipe"]["overlong"] = "truncate"
+    m["snapshot_id"] = snapshot_id(manifest_identity(m))  # a consistent id: the row check is what is tested
     write_json_atomic(copy / "manifest.json", m)
     verify_snapshot(copy, full=False)
     with pytest.raises(SnapshotError, match=r"row \d+ has no supervised target \(allowed only in overlong = "
@@ -403,8 +404,8 @@ def test_target_free_rows_only_in_nanochat_snapshots(syn, tmp_path):
 def test_recipe_field():
     from pipeline.errors import RecipeError
     from pipeline.recipe import parse_recipe
-    base = {"name": "x", "max_seq_len": 8, "tokenizer": {"source": "file"}, "train": [{"kind": "gsm8k"}],
-            "val": [{"kind": "gsm8k"}]}
+    gsm8k = {"kind": "gsm8k", "params": {"split": "train"}}  # params are checked at load
+    base = {"name": "x", "max_seq_len": 8, "tokenizer": {"source": "file"}, "train": [gsm8k], "val": [gsm8k]}
     assert parse_recipe({**base, "overlong": "nanochat"}).overlong == "nanochat"
     assert parse_recipe(base).overlong == "truncate"
     seed = {**base, "packing": {"method": "bestfit-seed"}}

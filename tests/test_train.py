@@ -455,7 +455,7 @@ def test_rewrite_metrics_keeps_one_record_per_step(tmp_path):
 def _target_free_copy(snapshot: Path, dest: Path, rows: int) -> Path:
     """A copy of the snapshot as `overlong = "nanochat"` could write it: its first `rows` train rows hold no
     supervised target (upstream keeps conversations whose targets were cut away)."""
-    from pipeline.manifest import sha256_file, verify_snapshot, write_json_atomic
+    from pipeline.manifest import manifest_identity, sha256_file, snapshot_id, verify_snapshot, write_json_atomic
     from pipeline.shard_format import ShardReader, ShardRows, write_shard
     copy = dest / snapshot.name
     shutil.copytree(snapshot, copy)
@@ -473,6 +473,7 @@ def _target_free_copy(snapshot: Path, dest: Path, rows: int) -> Path:
     write_shard(path, new, meta, allow_unsupervised=True)
     entry.update(bytes=path.stat().st_size, sha256=sha256_file(path), supervised=int(new.n_supervised.sum()))
     m["recipe"]["overlong"] = "nanochat"
+    m["snapshot_id"] = snapshot_id(manifest_identity(m))  # as a build of that recipe would name it
     write_json_atomic(copy / "manifest.json", m)
     verify_snapshot(copy, full=True)
     return copy
