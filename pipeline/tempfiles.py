@@ -14,12 +14,6 @@ from pathlib import Path
 _PID = re.compile(r"\.tmp-(\d+)$")
 
 
-def tmp_name(path: Path) -> Path:
-    """`folder/.name.tmp-<pid>`: a hidden temp beside `path`, owned by this process."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True

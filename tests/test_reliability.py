@@ -45,9 +45,16 @@ def base(tmp_path_factory):
 
 
 def fresh(base, tmp_path: Path, name: str = "data") -> Path:
+    """A new data dir holding only the base's trained tokenizer (wherever the layout keeps it)."""
     data = tmp_path / name
-    shutil.copytree(base.data / "tokenizers", data / "tokenizers")
+    rel = next(p for p in base.data.rglob("tokenizers") if p.is_dir()).relative_to(base.data)
+    shutil.copytree(base.data / rel, data / rel)
     return data
+
+
+def snapshots_of(base, data: Path) -> Path:
+    """The snapshots folder of a data dir (the same place as in the base's)."""
+    return Path(data).resolve() / base.snap.parent.relative_to(base.data.resolve())
 
 
 def one_error_line(err: str) -> str:
@@ -103,7 +110,7 @@ def test_ctrl_c_during_render_ends_pool_and_parent_in_a_second(base, tmp_path):
     for m in marks.iterdir():  # the workers are gone too
         with pytest.raises(ProcessLookupError):
             os.kill(int(m.name.split("-")[1]), 0)
-    assert not list(data.rglob("*.tmp-*")) and not list((data / "snapshots").glob("small-*"))
+    assert not list(data.rglob("*.tmp-*")) and not list(snapshots_of(base, data).glob("small-*"))
 
 
 @pytest.mark.parametrize("stage", ["train_tokenizer", "write_shard"])
@@ -140,12 +147,12 @@ def test_concurrent_builds_same_recipe_twice_and_another_recipe_all_succeed(base
     results = [p.communicate(timeout=120) for p in procs]
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0, err
-    assert results[0][0] == results[1][0] == f"{data.resolve() / 'snapshots' / base.snap.name}\n"
-    names = sorted(p.name for p in (data / "snapshots").iterdir())
+    assert results[0][0] == results[1][0] == f"{snapshots_of(base, data) / base.snap.name}\n"
+    names = sorted(p.name for p in snapshots_of(base, data).iterdir() if not p.name.startswith("."))
     assert len(names) == 2 and names[0] == base.snap.name and names[1].startswith("small-b-")
     assert not list(data.rglob("*.tmp-*"))
     for name in names:
-        verify_snapshot(data / "snapshots" / name)
+        verify_snapshot(snapshots_of(base, data) / name)
 
 
 def test_a_snapshot_published_meanwhile_by_another_process_counts_as_success(base, tmp_path, monkeypatch):
@@ -155,12 +162,12 @@ def test_a_snapshot_published_meanwhile_by_another_process_counts_as_success(bas
     def and_meanwhile(path, value):  # just before this build publishes, another one publishes the same id
         real(path, value)
         if Path(path).name == "manifest.json":
-            shutil.copytree(base.snap, data / "snapshots" / base.snap.name)
+            shutil.copytree(base.snap, snapshots_of(base, data) / base.snap.name)
     monkeypatch.setattr(prep, "write_json_atomic", and_meanwhile)
     out = io.StringIO()
     snap = prepare(base.recipe, data, 1, out=out)
-    assert snap == data.resolve() / "snapshots" / base.snap.name and "published by another process" in out.getvalue()
-    assert [p.name for p in (data / "snapshots").iterdir()] == [base.snap.name]
+    assert snap == snapshots_of(base, data) / base.snap.name and "published by another process" in out.getvalue()
+    assert [p.name for p in snapshots_of(base, data).iterdir()] == [base.snap.name]
     verify_snapshot(snap)
 
 
@@ -184,7 +191,7 @@ def test_a_live_build_temp_of_another_recipe_survives(base, tmp_path):
     data = fresh(base, tmp_path)
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        snapshots = data / "snapshots"
+        snapshots = snapshots_of(base, data)
         theirs = snapshots / f".small-b-0123456789abcdef.tmp-{live.pid}"  # another recipe, building now
         mine_dead = snapshots / f".small-0123456789abcdef.tmp-{dead_pid()}"
         theirs.mkdir(parents=True)
@@ -212,7 +219,7 @@ def test_disk_full_during_prepare_is_one_line_and_publishes_nothing(base, tmp_pa
     assert prepare_cli(base.recipe, data) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "disk is full" in line and ("train-00000" in line or "manifest.json" in line), line
-    assert not list((data / "snapshots").glob("small-*")) and not list(data.rglob("*.tmp-*"))
+    assert not list(snapshots_of(base, data).glob("small-*")) and not list(data.rglob("*.tmp-*"))
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
@@ -366,13 +373,14 @@ def test_import_of_a_renamed_folder_publishes_under_the_manifest_name(base, tmp_
     archive = archive_of(base.snap, tmp_path / "renamed.tar.zst", "my-renamed-copy", dir_entry=False)
     out = importer.import_snapshot(archive, tmp_path / "data")
     assert out.name == base.snap.name and "my-renamed-copy" in capsys.readouterr().err
-    assert [p.name for p in (tmp_path / "data" / "snapshots").iterdir()] == [base.snap.name]
+    assert [p.name for p in snapshots_of(base, tmp_path / "data").iterdir()] == [base.snap.name]
 
 
 def test_import_over_a_corrupt_copy_says_how_to_fix_it(base, tmp_path, capsys):
     importer = __import__("pipeline.import", fromlist=["main"])
     archive = archive_of(base.snap, tmp_path / "a.tar.zst", base.snap.name)
-    existing = copy_snapshot(base, tmp_path / "data")
+    existing = snapshots_of(base, tmp_path / "data") / base.snap.name
+    shutil.copytree(base.snap, existing)
     (existing / "tokenizer.pkl").write_bytes(b"x")
     assert importer.main([str(archive), "--data-dir", str(tmp_path / "data")]) == 2
     line = one_error_line(capsys.readouterr().err)
@@ -457,14 +465,14 @@ params = {params}
 def test_invalid_utf8_on_line_20_is_skipped_with_its_line_number(base, tmp_path):
     data = fresh(base, tmp_path)
     src = chat_jsonl(data / "mychat.jsonl", 30, {20: b'{"messages": "\xff\xfe"}'})
-    recipe = write_recipe(tmp_path / "r", bad_rows="skip", train=CHAT.format(path=src.name), val=VAL)
+    recipe = write_recipe(tmp_path / "r", bad_rows="skip", train=CHAT.format(path=src.as_posix()), val=VAL)
     snap = build(recipe, data)
     mine = next(t for t in load_manifest(snap)["stats"]["tasks"] if t["name"] == "mychat")
     assert mine["bad"] == 1 and mine["conversations"] == 30 and mine["packed"] == 29
     skipped = load_manifest(snap)["stats"]["skipped_examples"]
     assert any("row 20" in e and "UTF-8" in e and "line 20" in e for e in skipped), skipped
 
-    recipe = write_recipe(tmp_path / "f", bad_rows="fail", train=CHAT.format(path=src.name), val=VAL)
+    recipe = write_recipe(tmp_path / "f", bad_rows="fail", train=CHAT.format(path=src.as_posix()), val=VAL)
     with pytest.raises(DataError) as e:
         build(recipe, data)
     assert e.value.row == 20 and e.value.file == str(src.resolve()) and "UTF-8" in str(e.value)
@@ -474,17 +482,17 @@ def test_an_empty_source_file_is_refused_under_fail_and_reported_under_skip(base
     data = fresh(base, tmp_path)
     src = data / "empty.jsonl"
     src.write_bytes(b"")
-    recipe = write_recipe(tmp_path / "f", train=CHAT.format(path=src.name), val=VAL)
+    recipe = write_recipe(tmp_path / "f", train=CHAT.format(path=src.as_posix()), val=VAL)
     with pytest.raises(DataError) as e:
         build(recipe, data)
     assert str(src.resolve()) in str(e.value) and e.value.task == "mychat" and e.value.field == "train[0]"
 
-    recipe = write_recipe(tmp_path / "s", bad_rows="skip", train=CHAT.format(path=src.name), val=VAL)
+    recipe = write_recipe(tmp_path / "s", bad_rows="skip", train=CHAT.format(path=src.as_posix()), val=VAL)
     out = io.StringIO()
     prepare(recipe, data, 1, out=out)
     assert f"warning: task mychat: no conversation: its source file(s) {src.resolve()}" in out.getvalue()
 
-    alone = CHAT.format(path=src.name).split("[[train]]\nkind = \"simplespelling\"")[0]
+    alone = CHAT.format(path=src.as_posix()).split("[[train]]\nkind = \"simplespelling\"")[0]
     recipe = write_recipe(tmp_path / "a", bad_rows="skip", train=alone, val=VAL)
     with pytest.raises(DataError, match="no conversation left to pack; empty task\\(s\\): mychat") as e:
         build(recipe, data)
