@@ -368,6 +368,16 @@ def test_import_accepts_a_plain_tar_zstd_with_its_folder_entry(base, tmp_path):
         importer.import_snapshot(bad, tmp_path / "data2")
 
 
+@pytest.mark.skipif(not (shutil.which("tar") and shutil.which("zstd")), reason="needs tar and zstd")
+def test_import_accepts_what_gnu_tar_zstd_writes(base, tmp_path):
+    importer = __import__("pipeline.import", fromlist=["import_snapshot"])
+    archive = tmp_path / "gnu.tar.zst"
+    subprocess.run(["tar", "--zstd", "-cf", str(archive), "-C", str(base.snap.parent), base.snap.name], check=True)
+    out = importer.import_snapshot(archive, tmp_path / "data")
+    assert out.name == base.snap.name
+    verify_snapshot(out)
+
+
 def test_import_of_a_renamed_folder_publishes_under_the_manifest_name(base, tmp_path, capsys):
     importer = __import__("pipeline.import", fromlist=["import_snapshot"])
     archive = archive_of(base.snap, tmp_path / "renamed.tar.zst", "my-renamed-copy", dir_entry=False)
