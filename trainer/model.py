@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from trainer.common import Linear, compute_dtype
@@ -21,6 +23,9 @@ from trainer.moe import MoE, update_expert_biases
 SMEAR_CHANNELS, VE_GATE_CHANNELS = 24, 12
 SOFTCAP, ROPE_BASE, QK_SCALE, ROTARY_OVERCOMPUTE = 15.0, 100_000, 1.2, 10
 _BLOCK_MASKS: dict = {}  # (T, left, device) -> BlockMask, for rows without document ids
+# Decoding on CUDA: not cuDNN, which builds a new plan for every key length (every step, every layer).
+# Flash takes the unmasked decode steps, memory-efficient attention the masked ones.
+DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -116,24 +121,66 @@ def attend(q, k, v, left: int, doc_ids=None, mask=None):
 
 @dataclass
 class KVCache:
-    """Inference state: per layer, keys and values (B, Hkv, max_len, D) of the positions seen so far, and
-    the last position's pre-smear embedding (smear mixes each token with the one before it)."""
+    """Inference state, a static buffer per layer: keys and values (B, Hkv, max_len, D) of the slots filled so
+    far (`pos`, the same for every row) and the last slot's pre-smear embedding (smear mixes each token with the
+    one before it). Rows of different lengths are left-padded (`set_padding`): row b's first `offsets[b]` slots
+    are padding, its token in slot s has position s - offsets[b], and no real query attends to a pad slot."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     pos: int = 0
     prev: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None  # (B,) long, on the cache's device; None: no row is padded
+    max_offset: int = 0
+    _masks: dict = field(default_factory=dict)  # per forward call: (left, T) -> mask (shared by layers)
+
+    def set_padding(self, offsets: list[int]) -> None:
+        """Declare row b's first offsets[b] slots as left padding (before the first forward)."""
+        if self.pos:
+            raise ValueError("set_padding must come before the first forward")
+        if any(o < 0 for o in offsets) or len(offsets) != self.k[0].size(0):
+            raise ValueError(f"need one offset >= 0 per row ({self.k[0].size(0)}), got {offsets}")
+        self.max_offset = max(offsets, default=0)
+        self.offsets = torch.tensor(offsets, dtype=torch.long, device=self.k[0].device) if self.max_offset else None
+
+    def positions(self, T: int) -> torch.Tensor:
+        """(B, T) rotary positions of the next T slots (pads clamp to 0)."""
+        slots = torch.arange(self.pos, self.pos + T, device=self.k[0].device)
+        return (slots[None, :] - self.offsets[:, None]).clamp(min=0)
+
+    def _mask(self, left: int, T: int, start: int):
+        """Boolean (T, K) or (B, 1, T, K) over key slots start..pos+T-1, or None when every key may be seen:
+        causal within the window, and no pad key (a pad query sees itself, so no row of softmax is empty)."""
+        key = (left, T)
+        if key in self._masks:
+            return self._masks[key]
+        padded = self.max_offset > start
+        mask = None
+        if T > 1 or padded:
+            device = self.k[0].device
+            qslot = torch.arange(self.pos, self.pos + T, device=device)[:, None]
+            kslot = torch.arange(start, self.pos + T, device=device)[None, :]
+            gap = qslot - kslot
+            mask = (gap >= 0) & (gap <= left)
+            if padded:
+                mask = ((mask & (kslot >= self.offsets[:, None, None])) | (gap == 0))[:, None]
+        self._masks[key] = mask
+        return mask
 
     def attend(self, layer: int, q, k, v, left: int):
-        """Store this step's k/v (B, Hkv, T, D) and attend q over every cached position in its window."""
+        """Store this step's k/v (B, Hkv, T, D) and attend q over the cached slots in its window. A decode step
+        (T = 1) of unpadded rows reads just the window's slice, with no mask."""
         T0, T = self.pos, q.size(2)
         self.k[layer][:, :, T0:T0 + T] = k
         self.v[layer][:, :, T0:T0 + T] = v
-        keys, values = self.k[layer][:, :, :T0 + T], self.v[layer][:, :, :T0 + T]
-        qpos = torch.arange(T0, T0 + T, device=q.device)[:, None]
-        gap = qpos - torch.arange(T0 + T, device=q.device)[None, :]
-        mask = (gap >= 0) & (gap <= left)
+        start = max(0, T0 - left)  # the earliest slot any query of this step sees
+        keys, values = self.k[layer][:, :, start:T0 + T], self.v[layer][:, :, start:T0 + T]
+        mask = self._mask(left, T, start)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
+
+    def advance(self, T: int) -> None:
+        self.pos += T
+        self._masks.clear()
 
 
 class CausalSelfAttention(nn.Module):
@@ -256,10 +303,12 @@ class GPT(nn.Module):
         return KVCache(k=[torch.empty(shape, dtype=self.dtype, device=device) for _ in range(c.n_layer)],
                        v=[torch.empty(shape, dtype=self.dtype, device=device) for _ in range(c.n_layer)])
 
-    def forward(self, idx, targets=None, loss_reduction: str = "mean", doc_ids=None, kv_cache: KVCache | None = None):
+    def forward(self, idx, targets=None, loss_reduction: str = "mean", doc_ids=None, kv_cache: KVCache | None = None,
+                last_only: bool = False):
         """idx (B, T) -> logits (B, T, V) fp32, or the loss (ignore_index=-1): a scalar for mean/sum,
         per token (B*T,) for "none". doc_ids (B, T): tokens attend only within their own document.
-        kv_cache (inference): idx continues the cached positions, and the cache is extended by T."""
+        kv_cache (inference): idx continues the cached slots, and the cache is extended by T.
+        last_only: logits of the last position only, (B, 1, V) (a prefill needs no more)."""
         B, T = idx.shape
         T0 = kv_cache.pos if kv_cache is not None else 0
         if T0 + T > self.cos.size(1):
@@ -267,7 +316,12 @@ class GPT(nn.Module):
         if doc_ids is not None and (doc_ids.shape != idx.shape or kv_cache is not None):
             raise ValueError(f"doc_ids must match idx {tuple(idx.shape)} and cannot be used with a kv cache")
         dt, V = self.dtype, self.config.vocab_size
-        cos, sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
+        padded = kv_cache is not None and kv_cache.offsets is not None
+        if padded:  # per-row positions
+            pos = kv_cache.positions(T)
+            cos, sin = self.cos[0][pos], self.sin[0][pos]
+        else:
+            cos, sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
         x = norm(self.transformer.wte(idx).to(dt))
         prev = kv_cache.prev if kv_cache is not None and T0 > 0 else None
         if kv_cache is not None:
@@ -278,22 +332,29 @@ class GPT(nn.Module):
             gate = self.smear_lambda.to(dt) * torch.sigmoid(self.smear_gate(cur[..., :SMEAR_CHANNELS]))
             if doc_ids is not None:  # not across a document boundary
                 gate = gate * (doc_ids[:, 1:] == doc_ids[:, :-1]).unsqueeze(-1).to(dt)
+            first = T0 if prev is not None else T0 + 1  # slot of cur[:, 0]
+            if padded and first <= kv_cache.max_offset:  # a row's first real token has no token before it
+                slots = torch.arange(first, T0 + T, device=idx.device)
+                gate = gate * (slots[None, :] > kv_cache.offsets[:, None]).unsqueeze(-1).to(dt)
             mixed = cur + gate * before
             x = mixed if prev is not None else torch.cat([x[:, :1], mixed], dim=1)
         x0, x_mid = x, None
         masks = None
         if idx.is_cuda and self.training:  # eval and generation vary T: SDPA avoids recompiling flex per length
             masks = block_masks(T, set(self.windows), doc_ids, idx.device)
-        for i, block in enumerate(self.transformer.h):
-            x = self.resid_lambdas[i].to(dt) * x + self.x0_lambdas[i].to(dt) * x0
-            ve = self.value_embeds[str(i)](idx).to(dt) if str(i) in self.value_embeds else None
-            left = self.windows[i]
-            x = block(x, ve, cos, sin, left, doc_ids, masks[left] if masks else None,
-                      (kv_cache, i) if kv_cache is not None else None)
-            if i == self.config.n_layer // 2:
-                x_mid = x
+        with sdpa_kernel(DECODE_BACKENDS) if kv_cache is not None and idx.is_cuda else nullcontext():
+            for i, block in enumerate(self.transformer.h):
+                x = self.resid_lambdas[i].to(dt) * x + self.x0_lambdas[i].to(dt) * x0
+                ve = self.value_embeds[str(i)](idx).to(dt) if str(i) in self.value_embeds else None
+                left = self.windows[i]
+                x = block(x, ve, cos, sin, left, doc_ids, masks[left] if masks else None,
+                          (kv_cache, i) if kv_cache is not None else None)
+                if i == self.config.n_layer // 2:
+                    x_mid = x
         if kv_cache is not None:
-            kv_cache.pos += T
+            kv_cache.advance(T)
+        if last_only:
+            x, x_mid = x[:, -1:], x_mid[:, -1:]
         x = norm(x - self.backout_lambda.to(dt) * x_mid)
         logits = self.lm_head(x)[..., :V].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
