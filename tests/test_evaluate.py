@@ -221,6 +221,71 @@ def test_engine_greedy_matches_argmax_of_real_gpt(tiny_tokenizer):
     assert out == ids[len(prompt):]
 
 
+class Steered(nn.Module):
+    """A real GPT (KV cache and all) whose next token is forced wherever the input token is in `table`:
+    logits + 30 at table[token]. Lets a random model call the calculator and stop, row by row."""
+
+    def __init__(self, gpt, table: dict[int, int]):
+        super().__init__()
+        self.gpt, self.table = gpt, table
+        self.config, self.cos = gpt.config, gpt.cos
+
+    def new_kv_cache(self, batch, max_len):
+        return self.gpt.new_kv_cache(batch, max_len)
+
+    def forward(self, idx, kv_cache=None, last_only=False):
+        logits = self.gpt(idx, kv_cache=kv_cache, last_only=last_only)
+        last = idx[:, -logits.size(1):]
+        for src, dst in self.table.items():
+            logits[..., dst] += 30.0 * (last == src).float()
+        return logits
+
+
+def _steered(tok):
+    ps, pe = tok.special_id("<|python_start|>"), tok.special_id("<|python_end|>")
+    script = [tok.special_id("<|assistant_start|>"), ps, *tok.encode("12*3"), pe]
+    assert len(set(script)) == len(script)
+    table = dict(zip(script, script[1:]))
+    table[tok.special_id("<|output_end|>")] = tok.special_id("<|assistant_end|>")
+    return Steered(_tiny_gpt(tok.vocab_size, seq_len=128), table), script
+
+
+def test_batch_generation_equals_one_at_a_time(tiny_tokenizer):
+    """Rows of different lengths, two of them calling the calculator (forced output, then a stop), two
+    running to max_tokens on the model's own greedy choices: the batch gives each row's solo result."""
+    tok = tiny_tokenizer
+    model, script = _steered(tok)
+    os_, oe = tok.special_id("<|output_start|>"), tok.special_id("<|output_end|>")
+    prompts = [_prompt(tok, "What is 12 times 3?"), tok.encode("Hello there, a longer prompt that is plain text"),
+               _prompt(tok, "Q?"), [tok.bos_id]]
+    eng = Engine(model, tok)
+    solo = [eng.generate(p, max_tokens=20) for p in prompts]
+    tool = script[1:] + [os_, *tok.encode("36"), oe]
+    assert solo[0] == solo[2] == tool  # the tool ran and the row stopped, before max_tokens
+    assert len(solo[1]) == len(solo[3]) == 20 and solo[1] != solo[3]
+    assert eng.generate_batch(prompts, max_tokens=20) == solo
+    assert eng.generate_batch(prompts[::-1], max_tokens=20) == solo[::-1]
+    # sampling: row b with seed s samples as it would alone with seed s
+    seeds = [3, 1, 4, 1]
+    sampled = [eng.generate(p, max_tokens=12, temperature=1.0, seed=s) for p, s in zip(prompts, seeds)]
+    assert eng.generate_batch(prompts, max_tokens=12, temperature=1.0, seeds=seeds) == sampled
+    assert sampled[1] != eng.generate(prompts[1], max_tokens=12, temperature=1.0, seed=2)
+    # streaming yields the same tokens
+    assert list(eng.stream(prompts[0], max_tokens=20)) == solo[0]
+
+
+def test_batch_generation_without_a_cache_falls_back_per_row(tiny_tokenizer):
+    tok = tiny_tokenizer
+    ps, pe = tok.special_id("<|python_start|>"), tok.special_id("<|python_end|>")
+    prompt = _prompt(tok)
+    call = [ps, *tok.encode("12*3"), pe]
+    eng = Engine(ScriptedLM(tok, prompt, call), tok)
+    one = eng.generate(prompt, max_tokens=50)
+    assert eng.generate_batch([prompt, prompt], max_tokens=50) == [one, one]
+    with pytest.raises(ValueError, match="empty"):
+        eng.generate_batch([prompt, []])
+
+
 # --- bits per byte --------------------------------------------------------------------------------
 
 def test_bpb_hand_computed():
