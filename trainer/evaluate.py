@@ -15,6 +15,7 @@ import gzip
 import json
 import math
 import re
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -448,7 +449,8 @@ def chatcore(model, tok, data_dir: Path, max_cat: int = -1, max_sample: int = 24
              temperature: float = 0.0, top_k: int | None = 50, records: dict | None = None) -> dict[str, Any]:
     """Per-task accuracy, `ChatCORE` (mean centered accuracy over the tasks that ran) and `ChatCORE_cat`
     (the same over the categorical ones; None when none ran), `skipped` ({task: reason}), `files`
-    ({task: [{path, rows}]}: what each task graded on) and `problems` ({task: problems evaluated}).
+    ({task: [{path, rows}]}: what each task graded on), `problems` ({task: problems evaluated}) and
+    `seconds` ({task: wall time}).
     Pass the uncompiled model (prompt lengths vary). max_cat / max_sample < 0 means all problems.
     `tasks` picks a subset (default: all six, in nanochat's order); generative tasks decode
     `gen_batch_size` (default `batch_size`) prompts together. `records` (optional) receives
@@ -462,9 +464,11 @@ def chatcore(model, tok, data_dir: Path, max_cat: int = -1, max_sample: int = 24
     centered: dict[str, float] = {}
     files: dict[str, list[dict]] = {}
     problems: dict[str, int] = {}
+    seconds: dict[str, float] = {}
     categorical: list[str] = []
     with _eval_mode(model):
         for name in names:
+            t0 = time.time()
             task, reason = _try_load(name, data_dir)
             if task is None:
                 print0(f"ChatCORE: {name} skipped, {reason}")
@@ -483,6 +487,7 @@ def chatcore(model, tok, data_dir: Path, max_cat: int = -1, max_sample: int = 24
                 records[name] = rec
             results[name] = acc
             files[name] = task.files
+            seconds[name] = time.time() - t0
             base = BASELINES[name]
             centered[name] = (acc - base) / (1.0 - base)
             print0(f"ChatCORE: {name} accuracy {100 * acc:.2f}% on {problems[name]:,} of {len(task):,} problems, "
@@ -496,6 +501,7 @@ def chatcore(model, tok, data_dir: Path, max_cat: int = -1, max_sample: int = 24
     results["skipped"] = skipped
     results["files"] = files
     results["problems"] = problems
+    results["seconds"] = seconds
     if skipped:
         print0(f"ChatCORE over {len(centered)} of {len(names)} tasks (skipped: {', '.join(skipped)})")
     return results
