@@ -137,3 +137,36 @@ def test_stream_text_holds_back_split_characters(tiny_tokenizer):
     out = chat_mod.stream_text(tok, iter(ids), pieces.append)
     assert out == ids and "".join(pieces) == "café 日本語 ok"
     assert not any("\ufffd" in p for p in pieces)
+
+
+def test_bench_generate_smoke(tmp_path):
+    """The GPU benchmark's --smoke mode on the CPU: every section runs and the JSON has the table's numbers."""
+    out = tmp_path / "gen.json"
+    r = subprocess.run([sys.executable, "bench/bench_generate.py", "--smoke", "--out", str(out)], cwd=REPO,
+                       capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                                         "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    d2 = report["configs"]["d2"]
+    assert d2["single"]["new_tokens"] > 0 and d2["single"]["tok_s"] > 0
+    assert [b["batch"] for b in d2["batched"]] == [1, 4] and all(b["tok_s"] > 0 for b in d2["batched"])
+    full, sft = d2["chatcore"]["full"], d2["chatcore"]["sft"]
+    assert set(full["tasks"]) == {"ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"}
+    assert full["tasks"]["MMLU"]["problems"] == 6 and full["tasks"]["GSM8K"]["problems"] == 3
+    assert all(v.startswith("synthetic") for v in report["chatcore_tasks"].values())
+    assert "| d2 |" in r.stdout and "baseline: 20.4 tok/s" in r.stdout
+
+
+def test_bench_synthetic_tasks_have_the_real_sizes():
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_generate as bg
+    tok = bg.synthetic_tokenizer(32768)
+    assert tok.vocab_size == 32768 and all(len(tok.encode(s)) == 1 for s in "ABCD")
+    from pipeline.render import render_for_completion
+    for name, (n, median, sigma, kind) in bg.TASKS.items():
+        task = bg.synthetic_task(name, n, median, sigma)
+        assert len(task) == n and task.eval_type == kind
+        lengths = sorted(len(render_for_completion(task[i], tok)) for i in range(0, n, max(1, n // 50)))
+        assert 0.6 * median < lengths[len(lengths) // 2] < 1.6 * median, (name, lengths[len(lengths) // 2])
+        conv = task[0]
+        assert task.evaluate(conv, conv["messages"][-1]["content"])  # the reference answer passes

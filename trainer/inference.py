@@ -80,6 +80,18 @@ def resolve_tokenizer(meta: dict, explicit: Path | None, data_dir: Path) -> tupl
                           + ". Pass --tokenizer PATH (the snapshot's tokenizer.pkl)")
 
 
+@torch.no_grad()
+def cast_for_inference(model) -> torch.nn.Module:
+    """Store every parameter in the compute dtype (bf16 on CUDA), once: the model casts each one to that dtype
+    at every use anyway (fp32 masters are for training), so the results are identical and a decode step
+    launches no casts. Buffers (rotary tables, MoE routing biases) are left as they are."""
+    dt = getattr(model, "dtype", torch.float32)
+    for p in model.parameters():
+        if p.dtype != dt and p.is_floating_point():
+            p.data = p.data.to(dt)
+    return model
+
+
 def load_checkpoint(args) -> Loaded:
     """The model (eval mode) and tokenizer named by the add_checkpoint_args flags."""
     rank, world, device = init_device(args.device_type)
@@ -94,7 +106,7 @@ def load_checkpoint(args) -> Loaded:
         raise CheckpointError(f"no checkpoint folder {ckpt}")
     step = args.step if args.step is not None else find_last_step(ckpt, complete=True)
     meta = load_meta(ckpt, step)
-    model = build_model(meta, load_model_state(ckpt, step, device), device).eval()
+    model = cast_for_inference(build_model(meta, load_model_state(ckpt, step, device), device).eval())
     tok, tok_path = resolve_tokenizer(meta, args.tokenizer, args.data_dir)
     if tok.vocab_size != model.config.vocab_size:
         raise CheckpointError(f"tokenizer {tok_path} has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
