@@ -269,6 +269,10 @@ def test_batch_generation_equals_one_at_a_time(tiny_tokenizer):
     assert len(solo[1]) == len(solo[3]) == 20 and solo[1] != solo[3]
     assert eng.generate_batch(prompts, max_tokens=20) == solo
     assert eng.generate_batch(prompts[::-1], max_tokens=20) == solo[::-1]
+    # static decode steps (what a CUDA graph replays), on the CPU without the graph
+    static = Engine(model, tok, cuda_graphs=True)
+    assert static.generate_batch(prompts, max_tokens=20) == solo
+    assert [static.generate(p, max_tokens=20) for p in prompts] == solo
     # sampling: row b with seed s samples as it would alone with seed s
     seeds = [3, 1, 4, 1]
     sampled = [eng.generate(p, max_tokens=12, temperature=1.0, seed=s) for p, s in zip(prompts, seeds)]

@@ -421,10 +421,12 @@ def test_kv_cache_decoding_matches_the_full_forward(kw):
 
 
 @pytest.mark.parametrize("kw", [{}, {"n_kv_head": 1}])
-def test_left_padded_batch_decoding_matches_each_row_alone(kw):
+@pytest.mark.parametrize("static", [False, True])
+def test_left_padded_batch_decoding_matches_each_row_alone(kw, static):
     """Rows of different lengths, left-padded into one cache: per-row rotary positions, smear that does not
-    reach across the padding, windows counted per row, and pad slots invisible to every real query."""
-    model = randomize(build(sequence_len=512, n_layer=4, **kw)).eval()
+    reach across the padding, windows counted per row, and pad slots invisible to every real query. Static
+    steps (device-side position, whole-buffer mask: what a CUDA graph replays) give the same logits."""
+    model = randomize(build(sequence_len=512, n_layer=2, **kw)).eval()  # windows 128 and 512
     lengths, steps = [150, 90, 1], 140  # the short window (128) cuts in; the longest row needs no padding
     g = torch.Generator().manual_seed(5)
     rows = [torch.randint(0, 300, (n + steps,), generator=g) for n in lengths]
@@ -434,12 +436,15 @@ def test_left_padded_batch_decoding_matches_each_row_alone(kw):
         cache = model.new_kv_cache(len(rows), N + steps)
         cache.set_padding([N - n for n in lengths])
         prefill = model(padded, kv_cache=cache)
+        if static:
+            cache.make_static()
         decode = [model(torch.stack([r[n + t] for n, r in zip(lengths, rows)])[:, None], kv_cache=cache)
                   for t in range(steps)]
         for b, (n, r) in enumerate(zip(lengths, rows)):
             full = model(r[None])[0]
             got = torch.cat([prefill[b, N - n:], torch.cat(decode, dim=1)[b]])
             torch.testing.assert_close(got, full, rtol=1e-4, atol=1e-4)
+    assert cache.pos == N + steps and (not static or int(cache.pos_t) == N + steps)
     with pytest.raises(ValueError, match="before the first forward"):
         cache.set_padding([0, 0, 0])
 
@@ -459,10 +464,13 @@ def test_decode_step_has_no_mask_and_last_only():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("pad", [0, 8])
-def test_kv_cache_decoding_matches_full_forward_bf16_on_cuda(pad):
-    """The decode path on CUDA in bf16 (flash / memory-efficient SDPA, never cuDNN), 500 teacher-forced steps
-    across the 512-token window, with and without left padding: close to the full forward (bf16 rounds the
-    two paths differently, so the bound is loose; a wrong mask or position gives errors of order 1)."""
+@pytest.mark.parametrize("mode", ["sliced", "static", "graph"])
+def test_kv_cache_decoding_matches_full_forward_bf16_on_cuda(pad, mode):
+    """The decode paths on CUDA in bf16 (flash / memory-efficient SDPA, never cuDNN; static steps; static steps
+    replayed as a CUDA graph), 500 teacher-forced steps across the 512-token window, with and without left
+    padding: close to the full forward (bf16 rounds the paths differently, so the bound is loose; a wrong mask
+    or position gives errors of order 1)."""
+    from trainer.engine import _GraphedStep
     model = build(init=False, sequence_len=512, window_pattern="SSSL", n_layer=4).cuda()
     model.init_weights()
     assert model.dtype == torch.bfloat16
@@ -474,13 +482,22 @@ def test_kv_cache_decoding_matches_full_forward_bf16_on_cuda(pad):
     idx = torch.randint(0, 300, (2, T), device="cuda")
     with torch.no_grad():
         full = model.eval()(idx)
-        cache = model.new_kv_cache(2, T)
+        cache = model.new_kv_cache(2, T if mode == "sliced" else 640)
         cache.set_padding([pad, 0])  # row 0 is `pad` tokens shorter, left-padded
         zeros = torch.zeros(pad, dtype=torch.long, device="cuda")
         pre = model(torch.stack([torch.cat([zeros, idx[0, :T0]]), idx[1, :T0 + pad]]), kv_cache=cache)
-        steps = [model(torch.stack([idx[0, T0 + t], idx[1, T0 + pad + t]])[:, None], kv_cache=cache)
+        if mode != "sliced":
+            cache.make_static()
+        if mode == "graph":
+            step = _GraphedStep(model, cache)
+        else:
+            def step(t):
+                return model(t, kv_cache=cache)[:, -1]
+        steps = [step(torch.stack([idx[0, T0 + t], idx[1, T0 + pad + t]])[:, None]).clone()
                  for t in range(T - T0 - pad)]
-    dec = torch.cat(steps, dim=1)
+        if mode == "graph":
+            assert step.graph is not None  # captured, and replayed from the third step on
+    dec = torch.stack(steps, dim=1)
     for b, got in ((0, torch.cat([pre[0, pad:], dec[0]])), (1, torch.cat([pre[1], dec[1]]))):
         ref = full[b, :got.size(0)]
         diff = (got - ref).abs().max()

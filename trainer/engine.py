@@ -13,6 +13,7 @@ count toward `max_tokens`, as in nanochat. Tool state and forced tokens are per 
 """
 from __future__ import annotations
 
+import os
 import signal
 import string
 import threading
@@ -130,13 +131,72 @@ class _Row:
         return token
 
 
+_GRAPHS_BROKEN: list[str] = []  # the reason, once a capture has failed in this process (then: eager steps)
+
+
+def graphs_wanted(model, device: torch.device) -> bool:
+    """CUDA graphs for decode steps: on CUDA, dense models (MoE routing syncs with the host), unless
+    NANOSFT_CUDA_GRAPHS=0 or a capture already failed here."""
+    return (device.type == "cuda" and os.environ.get("NANOSFT_CUDA_GRAPHS", "1") != "0" and not _GRAPHS_BROKEN
+            and hasattr(model, "moe_layers") and not model.moe_layers())
+
+
+class _GraphedStep:
+    """Decode steps of one static cache: the first runs eagerly (warming up kernels and workspaces on a side
+    stream), the second is captured as a CUDA graph, and every later one replays it: one launch per step
+    instead of hundreds. Falls back to eager static steps if the capture fails."""
+
+    def __init__(self, model, cache):
+        self.model, self.cache = model, cache
+        self.tok = torch.zeros(cache.k[0].size(0), 1, dtype=torch.long, device=cache.k[0].device)
+        self.graph, self.out, self.calls = None, None, 0
+        self.stream = torch.cuda.Stream(device=self.tok.device)  # warm-up and capture on the same stream
+
+    def _eager(self) -> torch.Tensor:
+        return self.model(self.tok, kv_cache=self.cache)[:, -1]
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.tok.copy_(tokens, non_blocking=True)
+        self.calls += 1
+        if self.graph is not None:
+            self.graph.replay()
+            self.cache.pos += 1  # the graph advanced pos_t on the device
+            return self.out
+        if self.calls == 1 or _GRAPHS_BROKEN:
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                out = self._eager()
+            torch.cuda.current_stream().wait_stream(self.stream)
+            return out
+        pos = self.cache.pos
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self.stream):
+                out = self._eager()
+        except Exception as e:  # an op that cannot be captured: keep decoding without graphs
+            _GRAPHS_BROKEN.append(f"{type(e).__name__}: {e}")
+            warnings.warn(f"CUDA graph capture failed, decoding without graphs: {_GRAPHS_BROKEN[0]}")
+            self.cache.pos = pos
+            self.cache._masks.clear()
+            torch.cuda.synchronize()
+            return self._eager()  # the step that was not run (pos_t was not advanced: capture runs nothing)
+        self.cache.pos = pos  # capture ran the Python (advancing pos) but no kernel
+        self.cache._masks.clear()
+        self.graph, self.out = graph, out
+        return self(tokens)
+
+
 class Engine:
     """Greedy / top-k generation with the calculator tool, for one prompt or many decoded together (KV cache when
     the model has one; rows of different lengths are left-padded into one cache)."""
 
-    def __init__(self, model, tok):
+    def __init__(self, model, tok, cuda_graphs: bool | None = None):
+        """cuda_graphs: None = on CUDA for dense models (see `graphs_wanted`); True on the CPU runs the same
+        static steps without a graph (for tests); False = plain cached steps."""
         self.model = model
         self.tok = tok
+        self.cuda_graphs = cuda_graphs
+        self._kept = None  # ((batch, slots), cache, step): the last static cache, reused by a call of that shape
         sid = tok.special_id
         self.bos = tok.bos_id
         self.assistant_end = sid("<|assistant_end|>")
@@ -189,10 +249,26 @@ class Engine:
         limit = self.model.cos.size(1)  # rotary positions available
         rows_ids = [list(p)[-max(1, limit - max_tokens):] for p in prompts]
         N = max(len(p) for p in rows_ids)
-        cache = self.model.new_kv_cache(len(rows_ids), N + max_tokens)
+        graphed = self.cuda_graphs if self.cuda_graphs is not None else graphs_wanted(self.model, device)
+        slots = N + max_tokens
+        if graphed:  # whole-buffer attention: a round length keeps the mask aligned for the kernels
+            slots = min(limit, -(-slots // 64) * 64)
+        cache, step_fn = None, None
+        if graphed and self._kept is not None and self._kept[0] == (len(rows_ids), slots):
+            cache, step_fn = self._kept[1], self._kept[2]  # the same shapes as the last call: replay its graph
+            cache.reset()
+        self._kept = None  # at most one cache (and graph) is kept, the last one
+        if cache is None:
+            cache = self.model.new_kv_cache(len(rows_ids), slots)
         cache.set_padding([N - len(p) for p in rows_ids])
         x = torch.tensor([[self.bos] * (N - len(p)) + p for p in rows_ids], dtype=torch.long, device=device)
         logits = self.model(x, kv_cache=cache, last_only=True)[:, -1]
+        if graphed and max_tokens > 1:
+            cache.make_static()
+            if step_fn is None:
+                step_fn = _GraphedStep(self.model, cache) if device.type == "cuda" else \
+                    (lambda t: self.model(t, kv_cache=cache)[:, -1])
+            self._kept = ((len(rows_ids), slots), cache, step_fn)
         rows = [_Row(self, max_tokens) for _ in rows_ids]
         feed = [p[-1] for p in rows_ids]
         for step in range(max_tokens):
@@ -212,8 +288,11 @@ class Engine:
                     feed[b] = token
                     yield b, token
             if step + 1 < max_tokens and any(not r.done for r in rows):  # extend the cache with the chosen tokens
-                x = torch.tensor(feed, dtype=torch.long, device=device)[:, None]
-                logits = self.model(x, kv_cache=cache)[:, -1]
+                if step_fn is not None:
+                    logits = step_fn(torch.tensor(feed, dtype=torch.long)[:, None])
+                else:
+                    x = torch.tensor(feed, dtype=torch.long, device=device)[:, None]
+                    logits = self.model(x, kv_cache=cache)[:, -1]
 
     def _stream_uncached(self, prompt: list[int], max_tokens: int, temperature: float, top_k: int | None,
                          seed: int) -> Iterator[int]:

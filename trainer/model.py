@@ -133,6 +133,51 @@ class KVCache:
     offsets: torch.Tensor | None = None  # (B,) long, on the cache's device; None: no row is padded
     max_offset: int = 0
     _masks: dict = field(default_factory=dict)  # per forward call: (left, T) -> mask (shared by layers)
+    # static decoding (see `make_static`): the position as a device tensor, every step the same shapes
+    static: bool = False
+    pos_t: torch.Tensor | None = None
+    prev_buf: torch.Tensor | None = None
+    _offsets_t: torch.Tensor | None = None
+    _slots: torch.Tensor | None = None
+
+    def make_static(self) -> None:
+        """Switch to static decode steps (after the prefill): one token per row per step, the position kept
+        on the device and advanced there, attention over the whole buffer with a mask built on the device,
+        the smear state in a fixed buffer. Nothing depends on a Python int, so a step can be captured as a
+        CUDA graph and replayed. The unwritten slots are zeroed (masked keys must hold finite values)."""
+        if self.prev is None:
+            raise ValueError("make_static needs a prefilled cache")
+        device, B = self.k[0].device, self.k[0].size(0)
+        for buf in self.k + self.v:
+            buf[:, :, self.pos:].zero_()
+        if self.pos_t is None:  # first use; a reused cache keeps its tensors (a captured graph reads them)
+            self.pos_t = torch.zeros(1, dtype=torch.long, device=device)
+            self._offsets_t = torch.zeros(B, dtype=torch.long, device=device)
+            self._slots = torch.arange(self.k[0].size(2), device=device)
+            self.prev_buf = torch.empty_like(self.prev)
+        self.pos_t.fill_(self.pos)
+        self._offsets_t.copy_(self.offsets) if self.offsets is not None else self._offsets_t.zero_()
+        self.prev_buf.copy_(self.prev)
+        self.static = True
+
+    def reset(self) -> None:
+        """Empty again, for another batch of the same size (the buffers, static ones included, are kept)."""
+        self.pos, self.prev, self.offsets, self.max_offset, self.static = 0, None, None, 0, False
+        self._masks.clear()
+
+    def static_positions(self) -> torch.Tensor:
+        return self.pos_t - self._offsets_t  # (B,)
+
+    def _static_attend(self, layer: int, q, k, v, left: int):
+        self.k[layer].index_copy_(2, self.pos_t, k)
+        self.v[layer].index_copy_(2, self.pos_t, v)
+        key = ("static", left)
+        if key not in self._masks:
+            gap = self.pos_t - self._slots  # (L,)
+            ok = (gap >= 0) & (gap <= left)
+            self._masks[key] = (ok[None, :] & (self._slots[None, :] >= self._offsets_t[:, None]))[:, None, None, :]
+        return F.scaled_dot_product_attention(q, self.k[layer], self.v[layer], attn_mask=self._masks[key],
+                                              enable_gqa=q.size(1) != k.size(1))
 
     def set_padding(self, offsets: list[int]) -> None:
         """Declare row b's first offsets[b] slots as left padding (before the first forward)."""
@@ -170,6 +215,8 @@ class KVCache:
     def attend(self, layer: int, q, k, v, left: int):
         """Store this step's k/v (B, Hkv, T, D) and attend q over the cached slots in its window. A decode step
         (T = 1) of unpadded rows reads just the window's slice, with no mask."""
+        if self.static:
+            return self._static_attend(layer, q, k, v, left)
         T0, T = self.pos, q.size(2)
         self.k[layer][:, :, T0:T0 + T] = k
         self.v[layer][:, :, T0:T0 + T] = v
@@ -179,6 +226,8 @@ class KVCache:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
 
     def advance(self, T: int) -> None:
+        if self.static:
+            self.pos_t += T  # on the device: part of a captured step
         self.pos += T
         self._masks.clear()
 
@@ -294,7 +343,7 @@ class GPT(nn.Module):
             self.value_embeds.to(self.dtype)
 
     def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
-        """An empty cache for up to `max_len` positions (prompt + generated tokens)."""
+        """An empty cache for up to `max_len` slots (padding + prompt + generated tokens)."""
         if max_len > self.cos.size(1):
             raise ValueError(f"{max_len} positions exceed the rotary cache of {self.cos.size(1)}")
         c = self.config
@@ -317,14 +366,23 @@ class GPT(nn.Module):
             raise ValueError(f"doc_ids must match idx {tuple(idx.shape)} and cannot be used with a kv cache")
         dt, V = self.dtype, self.config.vocab_size
         padded = kv_cache is not None and kv_cache.offsets is not None
-        if padded:  # per-row positions
+        static = kv_cache is not None and kv_cache.static
+        if static:
+            if T != 1:
+                raise ValueError(f"a static kv cache decodes one token per row per step, got {T}")
+            pos = kv_cache.static_positions()
+            cos, sin = self.cos[0][pos][:, None], self.sin[0][pos][:, None]
+        elif padded:  # per-row positions
             pos = kv_cache.positions(T)
             cos, sin = self.cos[0][pos], self.sin[0][pos]
         else:
             cos, sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
         x = norm(self.transformer.wte(idx).to(dt))
         prev = kv_cache.prev if kv_cache is not None and T0 > 0 else None
-        if kv_cache is not None:
+        if static:
+            prev = kv_cache.prev_buf.clone()  # read before this step overwrites it
+            kv_cache.prev_buf.copy_(x[:, -1:])
+        elif kv_cache is not None:
             kv_cache.prev = x[:, -1:]
         src = x if prev is None else torch.cat([prev, x], dim=1)  # the token before each one, pre-smear
         if src.size(1) > 1:  # smear: mix the previous token's embedding in, gated by the current one
@@ -333,7 +391,7 @@ class GPT(nn.Module):
             if doc_ids is not None:  # not across a document boundary
                 gate = gate * (doc_ids[:, 1:] == doc_ids[:, :-1]).unsqueeze(-1).to(dt)
             first = T0 if prev is not None else T0 + 1  # slot of cur[:, 0]
-            if padded and first <= kv_cache.max_offset:  # a row's first real token has no token before it
+            if padded and not static and first <= kv_cache.max_offset:  # a row's first real token has no token before it
                 slots = torch.arange(first, T0 + T, device=idx.device)
                 gate = gate * (slots[None, :] > kv_cache.offsets[:, None]).unsqueeze(-1).to(dt)
             mixed = cur + gate * before
