@@ -171,7 +171,7 @@ class _GraphedStep:
         pos = self.cache.pos
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, stream=self.stream):
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                 out = self._eager()
         except Exception as e:  # an op that cannot be captured: keep decoding without graphs
             _GRAPHS_BROKEN.append(f"{type(e).__name__}: {e}")
