@@ -23,8 +23,9 @@ from trainer.moe import MoE, update_expert_biases
 SMEAR_CHANNELS, VE_GATE_CHANNELS = 24, 12
 SOFTCAP, ROPE_BASE, QK_SCALE, ROTARY_OVERCOMPUTE = 15.0, 100_000, 1.2, 10
 _BLOCK_MASKS: dict = {}  # (T, left, device) -> BlockMask, for rows without document ids
-# Decoding on CUDA: not cuDNN, which builds a new plan for every key length (every step, every layer).
-# Flash takes the unmasked decode steps, memory-efficient attention the masked ones.
+# Evaluation and decoding on CUDA: not cuDNN, which builds a new plan for every new key length (at every
+# decode step, in every layer; at every batch width in a categorical eval). Flash takes the unmasked calls,
+# memory-efficient attention the masked ones.
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -400,7 +401,8 @@ class GPT(nn.Module):
         masks = None
         if idx.is_cuda and self.training:  # eval and generation vary T: SDPA avoids recompiling flex per length
             masks = block_masks(T, set(self.windows), doc_ids, idx.device)
-        with sdpa_kernel(DECODE_BACKENDS) if kv_cache is not None and idx.is_cuda else nullcontext():
+        with sdpa_kernel(DECODE_BACKENDS) if idx.is_cuda and (kv_cache is not None or not self.training) \
+                else nullcontext():
             for i, block in enumerate(self.transformer.h):
                 x = self.resid_lambdas[i].to(dt) * x + self.x0_lambdas[i].to(dt) * x0
                 ve = self.value_embeds[str(i)](idx).to(dt) if str(i) in self.value_embeds else None
