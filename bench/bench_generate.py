@@ -4,9 +4,9 @@
     python bench/bench_generate.py --smoke --out /tmp/gen.json                 (CPU, tiny sizes, seconds)
 
 Models are random-init nanochat GPTs (d12: n_embd 768, vocab 32768, SSSL; d20: n_embd 1280), weights stored
-in the compute dtype as trainer.eval and trainer.chat load them. Prompts are random token ids. Greedy
-decoding rarely meets <|assistant_end|> on a random model, so generative problems run to their token limit:
-the ChatCORE times are an upper bound for a trained model.
+in the compute dtype as trainer.eval and trainer.chat load them. Prompts are random token ids. The models never
+choose <|assistant_end|> or <|bos|> (their output rows are zeroed), so every generation runs to its token limit:
+the ChatCORE times are an upper bound for a trained model, which stops when it has answered.
 
 ChatCORE: the six tasks at their real sizes (ARC-Easy 2,376, ARC-Challenge 1,172, MMLU 14,042, GSM8K 1,319,
 HumanEval 164, SpellingBee 256), as synthetic problems whose prompt lengths roughly follow the real tasks'
@@ -104,7 +104,9 @@ def synthetic_task(name: str, n: int, median: int, sigma: float, seed: int = 0) 
     return EvalTask(name, items, kind, judge, [{"path": f"synthetic:{name}", "rows": n}])
 
 
-def build(depth: int, n_embd: int | None, vocab: int, seq_len: int, device) -> GPT:
+def build(depth: int, n_embd: int | None, vocab: int, seq_len: int, device, never: tuple[int, ...] = ()) -> GPT:
+    """A random-init model; the output rows of the `never` tokens are zeroed, so greedy decoding does not pick
+    them (some other logit is positive): with the terminal tokens there, every generation runs to its limit."""
     C = n_embd or -(-depth * 64 // 128) * 128
     heads = max(1, C // 128)
     cfg = GPTConfig(sequence_len=seq_len, vocab_size=vocab, n_layer=depth, n_head=heads, n_kv_head=heads, n_embd=C,
@@ -114,6 +116,9 @@ def build(depth: int, n_embd: int | None, vocab: int, seq_len: int, device) -> G
         model = GPT(cfg)
     model.to_empty(device=device)
     model.init_weights()
+    with torch.no_grad():
+        for t in never:
+            model.lm_head.weight[t].zero_()
     return cast_for_inference(model.eval())
 
 
@@ -291,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     vocab_hi = min(vocab, tok.bos_id)  # random prompts of ordinary tokens
     for name in names:
         depth, n_embd = configs[name]
-        model = build(depth, n_embd, vocab, seq_len, device)
+        model = build(depth, n_embd, vocab, seq_len, device, never=(tok.bos_id, tok.special_id("<|assistant_end|>")))
         engine = Engine(model, tok)
         r: dict = {"params": sum(p.numel() for p in model.parameters()), "n_embd": model.config.n_embd}
         r["single"] = bench_single(engine, vocab_hi, args.prompt_len, args.new_tokens, device, args.repeats)

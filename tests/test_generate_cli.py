@@ -170,3 +170,18 @@ def test_bench_synthetic_tasks_have_the_real_sizes():
         assert 0.6 * median < lengths[len(lengths) // 2] < 1.6 * median, (name, lengths[len(lengths) // 2])
         conv = task[0]
         assert task.evaluate(conv, conv["messages"][-1]["content"])  # the reference answer passes
+
+
+def test_inference_copy_casts_parameters_not_the_model(monkeypatch):
+    from trainer.inference import inference_copy
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=32))
+    model.init_weights()
+    assert inference_copy(model) is model  # fp32 on the CPU: nothing to do
+    model.dtype = torch.bfloat16  # as on CUDA: fp32 masters, bf16 compute
+    copy = inference_copy(model)
+    assert copy is not model and all(p.dtype == torch.bfloat16 for p in copy.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters()) and model.cos.dtype == copy.cos.dtype
+    for (name, a), (_, b) in zip(model.named_parameters(), copy.named_parameters()):
+        assert torch.equal(a.to(torch.bfloat16), b), name
+        assert a.data_ptr() != b.data_ptr()

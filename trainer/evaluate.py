@@ -34,6 +34,7 @@ from pipeline.tasks.source import find_source_files, seed_permutation
 from trainer.common import print0
 from trainer.engine import Engine
 from trainer.execution import execute_code
+from trainer.inference import inference_copy
 
 
 def _dist() -> tuple[int, int]:
@@ -466,6 +467,7 @@ def chatcore(model, tok, data_dir: Path, max_cat: int = -1, max_sample: int = 24
     problems: dict[str, int] = {}
     seconds: dict[str, float] = {}
     categorical: list[str] = []
+    model = inference_copy(model) if _device(model).type == "cuda" else model  # bf16 weights, once
     with _eval_mode(model):
         for name in names:
             t0 = time.time()

@@ -9,6 +9,7 @@ the snapshot tokenizer recorded in the checkpoint's meta (`nanosft.tokenizer`, w
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,20 @@ def cast_for_inference(model) -> torch.nn.Module:
         if p.dtype != dt and p.is_floating_point():
             p.data = p.data.to(dt)
     return model
+
+
+@torch.no_grad()
+def inference_copy(model) -> torch.nn.Module:
+    """`model` itself when its parameters are already in the compute dtype (or it is not a GPT), else a copy
+    whose parameters are (costing their size in that dtype): what ChatCORE runs on during training, where
+    the parameters are fp32 masters and a decode step would read each weight at twice the bytes and cast it."""
+    dt = getattr(model, "dtype", None)
+    params = list(model.parameters())
+    if dt is None or not hasattr(model, "new_kv_cache") or all(p.dtype == dt for p in params):
+        return model
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dt), requires_grad=False) for p in params
+            if p.is_floating_point()}
+    return copy.deepcopy(model, memo)
 
 
 def load_checkpoint(args) -> Loaded:
