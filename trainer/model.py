@@ -157,7 +157,10 @@ class KVCache:
             self._slots = torch.arange(self.k[0].size(2), device=device)
             self.prev_buf = torch.empty_like(self.prev)
         self.pos_t.fill_(self.pos)
-        self._offsets_t.copy_(self.offsets) if self.offsets is not None else self._offsets_t.zero_()
+        if self.offsets is not None:
+            self._offsets_t.copy_(self.offsets)
+        else:
+            self._offsets_t.zero_()
         self.prev_buf.copy_(self.prev)
         self.static = True
 
