@@ -203,6 +203,77 @@ def bench_nanochat(depth: int, n_embd: int | None, vocab: int, seq_len: int, pro
         return {"error": f"nanochat Engine failed: {type(e).__name__}: {e}"}
 
 
+class _NoTools:
+    """The tokenizer calls Engine makes: BOS (a real id: it pads) and tool ids the model cannot produce."""
+    bos_id = 299
+
+    def special_id(self, name):
+        return 1001 + hash(name) % 50
+
+
+def decode_checks(device) -> dict:
+    """The decode paths against the full forward, on this device, without pytest (the GPU image has none):
+    the sliced-cache, static and CUDA-graph steps in the compute dtype over 500 teacher-forced steps across
+    the 512-token window, with and without left padding (max |dlogit|, argmax agreement); then, in fp32, the
+    graphed engine's tokens against plain decoding. The same checks as tests/test_model.py's CUDA tests."""
+    from trainer.engine import _GraphedStep
+    out: dict = {}
+
+    def tiny(fp32: bool):
+        cfg = GPTConfig(sequence_len=512, vocab_size=300, n_layer=4, n_head=4, n_kv_head=2, n_embd=64,
+                        window_pattern="SSSL")
+        with torch.device("meta"):
+            model = GPT(cfg)
+        model.to_empty(device=device)
+        model.init_weights()  # the compute dtype: bf16 on CUDA
+        if fp32:
+            model.dtype = torch.float32
+            model.float()
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_((torch.randn(p.shape, generator=g) * 0.1).to(p.dtype))
+        return model.eval()
+
+    model = tiny(False)
+    modes = ["sliced", "static"] + (["graph"] if device.type == "cuda" else [])
+    T, T0 = 600, 100
+    idx = torch.randint(0, 300, (2, T), generator=torch.Generator().manual_seed(2)).to(device)
+    with torch.no_grad():
+        full = model(idx)
+        for mode in modes:
+            for pad in (0, 8):
+                cache = model.new_kv_cache(2, T if mode == "sliced" else 640)
+                cache.set_padding([pad, 0])
+                zeros = torch.zeros(pad, dtype=torch.long, device=device)
+                pre = model(torch.stack([torch.cat([zeros, idx[0, :T0]]), idx[1, :T0 + pad]]), kv_cache=cache)
+                if mode != "sliced":
+                    cache.make_static()
+                step = _GraphedStep(model, cache) if mode == "graph" else (lambda t, c=cache: model(t, kv_cache=c)[:, -1])
+                dec = torch.stack([step(torch.stack([idx[0, T0 + t], idx[1, T0 + pad + t]])[:, None]).clone()
+                                   for t in range(T - T0 - pad)], dim=1)
+                diffs, agrees = [], []
+                for b, got in ((0, torch.cat([pre[0, pad:], dec[0]])), (1, torch.cat([pre[1], dec[1]]))):
+                    ref = full[b, :got.size(0)]
+                    diffs.append(float((got - ref).abs().max()))
+                    agrees.append(float((got.argmax(-1) == ref.argmax(-1)).float().mean()))
+                ok = max(diffs) < 0.25 and min(agrees) > 0.8
+                if mode == "graph":
+                    ok = ok and step.graph is not None
+                out[f"{mode}/pad{pad}"] = {"max_dlogit": max(diffs), "argmax_agree": min(agrees), "ok": ok}
+    model32 = tiny(True)
+    prompts = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(3)).tolist() for n in (50, 7, 130)]
+    plain = Engine(model32, _NoTools(), cuda_graphs=False)
+    static = Engine(model32, _NoTools(), cuda_graphs=None if device.type == "cuda" else True)
+    want = plain.generate_batch(prompts, max_tokens=40)
+    same = static.generate_batch(prompts, max_tokens=40) == want
+    same = same and [static.generate(p, max_tokens=40) for p in prompts] == [plain.generate(p, max_tokens=40)
+                                                                           for p in prompts]
+    out["engine_fp32_tokens_equal"] = {"ok": same}
+    out["ok"] = all(v["ok"] for v in out.values())
+    return out
+
+
 def bench_chatcore(model, tok, tasks: dict[str, EvalTask], budget: str, max_tokens: int, cat_batch: int,
                    gen_batch: int, device) -> dict:
     per_task = {}
@@ -252,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     a("--data-dir", type=Path, default=None, help="read the real eval tasks found here (needs --tokenizer)")
     a("--tokenizer", type=Path, default=None)
     a("--device", default="")
+    a("--no-check", action="store_true", help="skip the decode-path correctness checks that run first")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -291,6 +363,13 @@ def main(argv: list[str] | None = None) -> int:
     report = {"device": dev_name, "torch": torch.__version__, "smoke": args.smoke, "vocab": vocab,
               "sequence_len": seq_len, "baseline_tok_s": BASELINE_TOK_S, "targets": TARGETS, "configs": {}}
     print(f"# bench_generate on {dev_name}, torch {torch.__version__}{' (smoke)' if args.smoke else ''}", flush=True)
+    if not args.no_check:
+        checks = decode_checks(device)
+        report["decode_checks"] = checks
+        for k, v in checks.items():
+            if k != "ok":
+                print(f"check {k}: {'PASS' if v['ok'] else 'FAIL'} "
+                      + " ".join(f"{m}={x:.4f}" for m, x in v.items() if m != "ok"), flush=True)
     tasks, source = load_tasks(args, tok, sizes) if budgets else ({}, {})
     report["chatcore_tasks"] = source
     vocab_hi = min(vocab, tok.bos_id)  # random prompts of ordinary tokens
@@ -338,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     os.replace(tmp, args.out)
     print(f"wrote {args.out}")
+    if not args.no_check and not report["decode_checks"]["ok"]:
+        print("bench_generate: a decode check FAILED (see 'check' lines above)")
+        return 3
     return 0
 
 

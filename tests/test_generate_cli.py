@@ -155,6 +155,7 @@ def test_bench_generate_smoke(tmp_path):
     assert full["tasks"]["MMLU"]["problems"] == 6 and full["tasks"]["GSM8K"]["problems"] == 3
     assert all(v.startswith("synthetic") for v in report["chatcore_tasks"].values())
     assert "| d2 |" in r.stdout and "baseline: 20.4 tok/s" in r.stdout
+    assert report["decode_checks"]["ok"] and "check static/pad8: PASS" in r.stdout
 
 
 def test_bench_synthetic_tasks_have_the_real_sizes():
