@@ -410,8 +410,13 @@ def main(argv: list[str] | None = None) -> int:
         del model, engine
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    from trainer.engine import _GRAPHS_BROKEN
+    report["cuda_graphs"] = (f"failed, eager steps: {_GRAPHS_BROKEN[0]}" if _GRAPHS_BROKEN else
+                             "on" if device.type == "cuda" and os.environ.get("NANOSFT_CUDA_GRAPHS", "1") != "0"
+                             else "off")
     print()
     print(table(report))
+    print(f"CUDA graphs for decode steps: {report['cuda_graphs']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
