@@ -8,14 +8,16 @@ SNAPSHOT ?=
 ARGS     ?=
 STAMP    := $(VENV)/.installed-stamp
 
-.PHONY: help install fetch-data prepare-data verify-data train test test-fast bench clean-data
+.PHONY: help install fetch-data prepare-data verify-data train eval chat test test-fast bench bench-generate clean-data
 
 help:
 	@echo "make fetch-data   [RECIPE=demo] [DATA_DIR=data] [ARGS=--eval --words]  download what a recipe reads"
 	@echo "make prepare-data [RECIPE=demo] [DATA_DIR=data] [ARGS=...]  build (or reuse) a verified snapshot"
 	@echo "make verify-data  [RECIPE=...] [SNAPSHOT=dir]                recheck a snapshot's hashes and rows"
 	@echo "make train        [SNAPSHOT=dir | RECIPE=... DATA_DIR=...] [ARGS=...]  fine-tune on a snapshot"
-	@echo "make test | test-fast | bench"
+	@echo "make eval         [DATA_DIR=data] [ARGS=...]  ChatCORE of the latest SFT checkpoint (python -m trainer.eval)"
+	@echo "make chat         [DATA_DIR=data] [ARGS=...]  talk to the latest SFT checkpoint (python -m trainer.chat)"
+	@echo "make test | test-fast | bench | bench-generate"
 
 # One local virtual environment, created on first use. torch==2.13.0 is installed only where no torch
 # is present (a CPU wheel on this kind of machine); any installed torch in the project's range is kept.
@@ -44,6 +46,12 @@ train: $(STAMP)
 	$(BIN)/python -m trainer.train $(if $(SNAPSHOT),--snapshot $(SNAPSHOT),--recipe $(RECIPE) --data-dir $(DATA_DIR)) \
 		$(if $(filter demo,$(RECIPE)),$(DEMO_TRAIN_ARGS)) $(ARGS)
 
+eval: $(STAMP)
+	$(BIN)/python -m trainer.eval --data-dir $(DATA_DIR) $(ARGS)
+
+chat: $(STAMP)
+	$(BIN)/python -m trainer.chat --data-dir $(DATA_DIR) $(ARGS)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
 
@@ -52,6 +60,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_prepare.py $(ARGS)
+
+bench-generate: $(STAMP)
+	$(BIN)/python bench/bench_generate.py $(ARGS)
 
 # Only what nanosft made: snapshots and the render cache under <data dir>/nanosft (trained tokenizers and the demo's
 # sources stay; `rm -rf $(DATA_DIR)/nanosft` removes all of it). A data dir's own files are never touched.

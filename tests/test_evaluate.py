@@ -2,6 +2,7 @@
 bits per byte, categorical and generative eval, the code runner, task loaders and ChatCORE."""
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -221,6 +222,78 @@ def test_engine_greedy_matches_argmax_of_real_gpt(tiny_tokenizer):
     assert out == ids[len(prompt):]
 
 
+class Steered(nn.Module):
+    """A real GPT (KV cache and all) whose next token is forced wherever the input token is in `table`:
+    logits + 30 at table[token]. Lets a random model call the calculator and stop, row by row."""
+
+    def __init__(self, gpt, table: dict[int, int], marker: int | None = None):
+        super().__init__()
+        self.gpt, self.table, self.marker = gpt, table, marker  # rows whose prompt has `marker` are not steered
+        self.config, self.cos = gpt.config, gpt.cos
+        self.free = None
+
+    def new_kv_cache(self, batch, max_len):
+        return self.gpt.new_kv_cache(batch, max_len)
+
+    def forward(self, idx, kv_cache=None, last_only=False):
+        logits = self.gpt(idx, kv_cache=kv_cache, last_only=last_only)
+        if kv_cache is None or kv_cache.pos == idx.size(1):  # a whole sequence, or a prefill
+            self.free = (idx == self.marker).any(dim=1) if self.marker is not None else torch.zeros(len(idx)).bool()
+        last = idx[:, -logits.size(1):]
+        for src, dst in self.table.items():
+            logits[..., dst] += 30.0 * ((last == src) & ~self.free[:, None]).float()
+        return logits
+
+
+def _steered(tok):
+    ps, pe = tok.special_id("<|python_start|>"), tok.special_id("<|python_end|>")
+    script = [tok.special_id("<|assistant_start|>"), ps, *tok.encode("12*3"), pe]
+    assert len(set(script)) == len(script)
+    table = dict(zip(script, script[1:]))
+    table[tok.special_id("<|output_end|>")] = tok.special_id("<|assistant_end|>")
+    return Steered(_tiny_gpt(tok.vocab_size, seq_len=128), table), script
+
+
+def test_batch_generation_equals_one_at_a_time(tiny_tokenizer):
+    """Rows of different lengths, two of them calling the calculator (forced output, then a stop), two
+    running to max_tokens on the model's own greedy choices: the batch gives each row's solo result."""
+    tok = tiny_tokenizer
+    model, script = _steered(tok)
+    os_, oe = tok.special_id("<|output_start|>"), tok.special_id("<|output_end|>")
+    prompts = [_prompt(tok, "What is 12 times 3?"), tok.encode("Hello there, a longer prompt that is plain text"),
+               _prompt(tok, "Q?"), [tok.bos_id]]
+    eng = Engine(model, tok)
+    solo = [eng.generate(p, max_tokens=20) for p in prompts]
+    tool = script[1:] + [os_, *tok.encode("36"), oe]
+    assert solo[0] == solo[2] == tool  # the tool ran and the row stopped, before max_tokens
+    assert len(solo[1]) == len(solo[3]) == 20 and solo[1] != solo[3]
+    assert eng.generate_batch(prompts, max_tokens=20) == solo
+    assert eng.generate_batch(prompts[::-1], max_tokens=20) == solo[::-1]
+    # static decode steps (what a CUDA graph replays), on the CPU without the graph
+    static = Engine(model, tok, cuda_graphs=True)
+    assert static.generate_batch(prompts, max_tokens=20) == solo
+    assert [static.generate(p, max_tokens=20) for p in prompts] == solo
+    # sampling: row b with seed s samples as it would alone with seed s
+    seeds = [3, 1, 4, 1]
+    sampled = [eng.generate(p, max_tokens=12, temperature=1.0, seed=s) for p, s in zip(prompts, seeds)]
+    assert eng.generate_batch(prompts, max_tokens=12, temperature=1.0, seeds=seeds) == sampled
+    assert sampled[1] != eng.generate(prompts[1], max_tokens=12, temperature=1.0, seed=2)
+    # streaming yields the same tokens
+    assert list(eng.stream(prompts[0], max_tokens=20)) == solo[0]
+
+
+def test_batch_generation_without_a_cache_falls_back_per_row(tiny_tokenizer):
+    tok = tiny_tokenizer
+    ps, pe = tok.special_id("<|python_start|>"), tok.special_id("<|python_end|>")
+    prompt = _prompt(tok)
+    call = [ps, *tok.encode("12*3"), pe]
+    eng = Engine(ScriptedLM(tok, prompt, call), tok)
+    one = eng.generate(prompt, max_tokens=50)
+    assert eng.generate_batch([prompt, prompt], max_tokens=50) == [one, one]
+    with pytest.raises(ValueError, match="empty"):
+        eng.generate_batch([prompt, []])
+
+
 # --- bits per byte --------------------------------------------------------------------------------
 
 def test_bpb_hand_computed():
@@ -335,6 +408,63 @@ def test_categorical_rejects_multi_token_letters(tiny_tokenizer):
     task = ListTask([_mc("q?", ("A", long_letter), "A")])
     with pytest.raises(ValueError, match="encodes to .* tokens"):
         ev.run_categorical(PositionLM(tok, ("A", "B", "C", "D")), tok, task, batch_size=1)
+
+
+# --- generative, batched -------------------------------------------------------------------------
+
+class GenTask(ListTask):
+    """A generative task over plain questions: passes when the completion has the tool's output 36."""
+    eval_type = "generative"
+    name = "gen"
+
+    def evaluate(self, conversation, completion):
+        self.judged.append((conversation, completion))
+        return "<|output_start|>36<|output_end|>" in completion
+
+
+def _gen_convs(n):
+    texts = ["What is 12 times 3?", "hi", "Tell me a long story about a fox and a dog in the park, please", "Q?",
+             "2 + 2?", "why is the sky blue", "sun"]
+    convs = [{"messages": [{"role": "user", "content": texts[i % len(texts)] + " " * (i // len(texts))},
+                           {"role": "assistant", "content": ""}]} for i in range(n)]
+    return convs
+
+
+def test_generative_batched_equals_one_at_a_time(tiny_tokenizer):
+    """Problems that call the calculator and stop early, and problems (those asking a question) left to the
+    model's own greedy choices until max_tokens: the same completions and accuracy at batch 1 and 4."""
+    tok = tiny_tokenizer
+    model, _ = _steered(tok)
+    model.marker = tok.encode("?")[0]
+    convs = _gen_convs(7)
+    steered = [model.marker not in render_for_completion(c, tok) for c in convs]
+    assert 0 < sum(steered) < 7
+    rec1, rec4 = [], []
+    acc1 = ev.run_generative(model, tok, GenTask(convs), max_tokens=16, batch_size=1, records=rec1)
+    acc4 = ev.run_generative(model, tok, GenTask(convs), max_tokens=16, batch_size=4, records=rec4)
+    assert rec1 == rec4 and [r["index"] for r in rec1] == list(range(7))
+    assert [r["passed"] for r in rec1] == steered
+    assert all(r["completion"] for r, s in zip(rec1, steered) if not s)  # the model's own tokens
+    assert acc1 == acc4 == pytest.approx(sum(steered) / 7)
+    rec = []
+    ev.run_generative(model, tok, GenTask(convs), max_problems=3, max_tokens=16, batch_size=2, records=rec)
+    assert rec == rec1[:3]
+
+
+def test_chatcore_records_files_and_problems(tmp_path, tiny_tokenizer, capsys):
+    tok = tiny_tokenizer
+    path = _write_arc(tmp_path, "ARC-Easy", ARC_ROWS)
+    model = _tiny_gpt(tok.vocab_size)
+    records = {}
+    out = ev.chatcore(model, tok, tmp_path, tasks=["ARC-Easy", "ARC-Challenge"], batch_size=3, records=records)
+    assert out["files"] == {"ARC-Easy": [{"path": str(path), "rows": 4}]}
+    assert out["problems"] == {"ARC-Easy": 4} and set(out["skipped"]) == {"ARC-Challenge"}
+    assert [r["index"] for r in records["ARC-Easy"]] == [0, 1, 2, 3]
+    assert out["ARC-Easy"] == sum(r["passed"] for r in records["ARC-Easy"]) / 4
+    log = capsys.readouterr().out
+    assert f"ARC-Easy accuracy {100 * out['ARC-Easy']:.2f}% on 4 of 4 problems, graded on {path} (4 rows)" in log
+    with pytest.raises(KeyError, match="unknown eval task"):
+        ev.chatcore(model, tok, tmp_path, tasks=["ARC-Medium"])
 
 
 # --- the code runner ------------------------------------------------------------------------------
@@ -516,7 +646,10 @@ def _two_rank_worker(rank, store, tok, convs, letters, batches, table, results):
         task = ListTask(convs)
         acc = ev.run_categorical(PositionLM(tok, letters), tok, task, batch_size=2)
         bpb = ev.evaluate_bpb(StandIn(len(table)), batches[rank::2], table)
-        Path(results, f"{rank}.txt").write_text(f"{acc!r} {bpb!r} {len(task.judged)}")
+        gen, records = GenTask(_gen_convs(5)), []
+        gacc = ev.run_generative(_steered(tok)[0], tok, gen, max_tokens=12, batch_size=2, records=records)
+        Path(results, f"{rank}.txt").write_text(f"{acc!r} {bpb!r} {len(task.judged)} {gacc!r} {len(gen.judged)}")
+        Path(results, f"{rank}.json").write_text(json.dumps(records))
     finally:
         dist.destroy_process_group()
 
@@ -536,3 +669,10 @@ def test_two_ranks_split_problems_and_sum_counts(tmp_path, tiny_tokenizer):
     assert float(r0[0]) == float(r1[0]) == pytest.approx(single_acc)
     assert float(r0[1]) == float(r1[1]) == pytest.approx(single_bpb, rel=1e-6)
     assert (int(r0[2]), int(r1[2])) == (4, 3)  # batches 0, 2 (2 + 2 problems) and 1, 3 (2 + 1)
+    single_records = []
+    single_gen = ev.run_generative(_steered(tok)[0], tok, GenTask(_gen_convs(5)), max_tokens=12, batch_size=2,
+                                   records=single_records)
+    assert float(r0[3]) == float(r1[3]) == pytest.approx(single_gen)
+    assert (int(r0[4]), int(r1[4])) == (3, 2)  # problems 0, 2, 4 and 1, 3
+    for r in (0, 1):
+        assert json.loads((tmp_path / f"{r}.json").read_text()) == single_records

@@ -420,6 +420,14 @@ def test_cli_end_to_end(tmp_path):
     # the curve after the resume covers the whole run, not only the resumed steps
     plot_losses(sorted(losses.items()), tmp_path / "expected.png")
     assert (ckpt / "loss.png").read_bytes() == (tmp_path / "expected.png").read_bytes()
+    # the checkpoint records the snapshot's tokenizer; trainer.eval finds both from the data dir
+    meta = json.loads((ckpt / "meta_000005.json").read_text())
+    assert Path(meta["nanosft"]["tokenizer"]["file"]).is_file()
+    report = tmp_path / "eval.json"
+    out = cli("trainer.eval", "--data-dir", data, "--device-type", "cpu", "-a", "SpellingBee", "-x", 2, "-m", 4,
+              "--json", report)
+    assert f"model {ckpt / 'model_000005.pt'}" in out and meta["nanosft"]["tokenizer"]["file"] in out
+    assert json.loads(report.read_text())["tasks"]["SpellingBee"]["problems"] == 2
 
 
 def test_base_without_optimizer_shard_warns_and_starts_fresh(snap, base, capsys):

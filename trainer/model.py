@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from trainer.common import Linear, compute_dtype
@@ -24,6 +26,10 @@ _BLOCK_MASKS: dict = {}  # (T, left, device) -> BlockMask, for rows without docu
 # FlexAttention kernel options for the training path (block sizes, warps, ...). None = inductor's defaults
 # for the card; bench/bench_train.py --flex-opts sets it to measure alternatives.
 FLEX_KERNEL_OPTIONS: dict | None = None
+# Evaluation and decoding on CUDA: not cuDNN, which builds a new plan for every new key length (at every
+# decode step, in every layer; at every batch width in a categorical eval). Flash takes the unmasked calls,
+# memory-efficient attention the masked ones.
+DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -119,24 +125,118 @@ def attend(q, k, v, left: int, doc_ids=None, mask=None):
 
 @dataclass
 class KVCache:
-    """Inference state: per layer, keys and values (B, Hkv, max_len, D) of the positions seen so far, and
-    the last position's pre-smear embedding (smear mixes each token with the one before it)."""
+    """Inference state, a static buffer per layer: keys and values (B, Hkv, max_len, D) of the slots filled so
+    far (`pos`, the same for every row) and the last slot's pre-smear embedding (smear mixes each token with the
+    one before it). Rows of different lengths are left-padded (`set_padding`): row b's first `offsets[b]` slots
+    are padding, its token in slot s has position s - offsets[b], and no real query attends to a pad slot."""
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     pos: int = 0
     prev: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None  # (B,) long, on the cache's device; None: no row is padded
+    max_offset: int = 0
+    _masks: dict = field(default_factory=dict)  # per forward call: (left, T) -> mask (shared by layers)
+    # static decoding (see `make_static`): the position as a device tensor, every step the same shapes
+    static: bool = False
+    pos_t: torch.Tensor | None = None
+    prev_buf: torch.Tensor | None = None
+    _offsets_t: torch.Tensor | None = None
+    _slots: torch.Tensor | None = None
+
+    def make_static(self) -> None:
+        """Switch to static decode steps (after the prefill): one token per row per step, the position kept
+        on the device and advanced there, attention over the whole buffer with a mask built on the device,
+        the smear state in a fixed buffer. Nothing depends on a Python int, so a step can be captured as a
+        CUDA graph and replayed. The unwritten slots are zeroed (masked keys must hold finite values)."""
+        if self.prev is None:
+            raise ValueError("make_static needs a prefilled cache")
+        device, B = self.k[0].device, self.k[0].size(0)
+        for buf in self.k + self.v:
+            buf[:, :, self.pos:].zero_()
+        if self.pos_t is None:  # first use; a reused cache keeps its tensors (a captured graph reads them)
+            self.pos_t = torch.zeros(1, dtype=torch.long, device=device)
+            self._offsets_t = torch.zeros(B, dtype=torch.long, device=device)
+            self._slots = torch.arange(self.k[0].size(2), device=device)
+            self.prev_buf = torch.empty_like(self.prev)
+        self.pos_t.fill_(self.pos)
+        if self.offsets is not None:
+            self._offsets_t.copy_(self.offsets)
+        else:
+            self._offsets_t.zero_()
+        self.prev_buf.copy_(self.prev)
+        self.static = True
+
+    def reset(self) -> None:
+        """Empty again, for another batch of the same size (the buffers, static ones included, are kept)."""
+        self.pos, self.prev, self.offsets, self.max_offset, self.static = 0, None, None, 0, False
+        self._masks.clear()
+
+    def static_positions(self) -> torch.Tensor:
+        return self.pos_t - self._offsets_t  # (B,)
+
+    def _static_attend(self, layer: int, q, k, v, left: int):
+        self.k[layer].index_copy_(2, self.pos_t, k)
+        self.v[layer].index_copy_(2, self.pos_t, v)
+        key = ("static", left)
+        if key not in self._masks:
+            gap = self.pos_t - self._slots  # (L,)
+            ok = (gap >= 0) & (gap <= left)
+            self._masks[key] = (ok[None, :] & (self._slots[None, :] >= self._offsets_t[:, None]))[:, None, None, :]
+        return F.scaled_dot_product_attention(q, self.k[layer], self.v[layer], attn_mask=self._masks[key],
+                                              enable_gqa=q.size(1) != k.size(1))
+
+    def set_padding(self, offsets: list[int]) -> None:
+        """Declare row b's first offsets[b] slots as left padding (before the first forward)."""
+        if self.pos:
+            raise ValueError("set_padding must come before the first forward")
+        if any(o < 0 for o in offsets) or len(offsets) != self.k[0].size(0):
+            raise ValueError(f"need one offset >= 0 per row ({self.k[0].size(0)}), got {offsets}")
+        self.max_offset = max(offsets, default=0)
+        self.offsets = torch.tensor(offsets, dtype=torch.long, device=self.k[0].device) if self.max_offset else None
+
+    def positions(self, T: int) -> torch.Tensor:
+        """(B, T) rotary positions of the next T slots (pads clamp to 0)."""
+        slots = torch.arange(self.pos, self.pos + T, device=self.k[0].device)
+        return (slots[None, :] - self.offsets[:, None]).clamp(min=0)
+
+    def _mask(self, left: int, T: int, start: int):
+        """Boolean (T, K) or (B, 1, T, K) over key slots start..pos+T-1, or None when every key may be seen:
+        causal within the window, and no pad key (a pad query sees itself, so no row of softmax is empty)."""
+        key = (left, T)
+        if key in self._masks:
+            return self._masks[key]
+        padded = self.max_offset > start
+        mask = None
+        if T > 1 or padded:
+            device = self.k[0].device
+            qslot = torch.arange(self.pos, self.pos + T, device=device)[:, None]
+            kslot = torch.arange(start, self.pos + T, device=device)[None, :]
+            gap = qslot - kslot
+            mask = (gap >= 0) & (gap <= left)
+            if padded:
+                mask = ((mask & (kslot >= self.offsets[:, None, None])) | (gap == 0))[:, None]
+        self._masks[key] = mask
+        return mask
 
     def attend(self, layer: int, q, k, v, left: int):
-        """Store this step's k/v (B, Hkv, T, D) and attend q over every cached position in its window."""
+        """Store this step's k/v (B, Hkv, T, D) and attend q over the cached slots in its window. A decode step
+        (T = 1) of unpadded rows reads just the window's slice, with no mask."""
+        if self.static:
+            return self._static_attend(layer, q, k, v, left)
         T0, T = self.pos, q.size(2)
         self.k[layer][:, :, T0:T0 + T] = k
         self.v[layer][:, :, T0:T0 + T] = v
-        keys, values = self.k[layer][:, :, :T0 + T], self.v[layer][:, :, :T0 + T]
-        qpos = torch.arange(T0, T0 + T, device=q.device)[:, None]
-        gap = qpos - torch.arange(T0 + T, device=q.device)[None, :]
-        mask = (gap >= 0) & (gap <= left)
+        start = max(0, T0 - left)  # the earliest slot any query of this step sees
+        keys, values = self.k[layer][:, :, start:T0 + T], self.v[layer][:, :, start:T0 + T]
+        mask = self._mask(left, T, start)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=q.size(1) != k.size(1))
+
+    def advance(self, T: int) -> None:
+        if self.static:
+            self.pos_t += T  # on the device: part of a captured step
+        self.pos += T
+        self._masks.clear()
 
 
 class CausalSelfAttention(nn.Module):
@@ -250,7 +350,7 @@ class GPT(nn.Module):
             self.value_embeds.to(self.dtype)
 
     def new_kv_cache(self, batch: int, max_len: int) -> KVCache:
-        """An empty cache for up to `max_len` positions (prompt + generated tokens)."""
+        """An empty cache for up to `max_len` slots (padding + prompt + generated tokens)."""
         if max_len > self.cos.size(1):
             raise ValueError(f"{max_len} positions exceed the rotary cache of {self.cos.size(1)}")
         c = self.config
@@ -259,10 +359,12 @@ class GPT(nn.Module):
         return KVCache(k=[torch.empty(shape, dtype=self.dtype, device=device) for _ in range(c.n_layer)],
                        v=[torch.empty(shape, dtype=self.dtype, device=device) for _ in range(c.n_layer)])
 
-    def forward(self, idx, targets=None, loss_reduction: str = "mean", doc_ids=None, kv_cache: KVCache | None = None):
+    def forward(self, idx, targets=None, loss_reduction: str = "mean", doc_ids=None, kv_cache: KVCache | None = None,
+                last_only: bool = False):
         """idx (B, T) -> logits (B, T, V) fp32, or the loss (ignore_index=-1): a scalar for mean/sum,
         per token (B*T,) for "none". doc_ids (B, T): tokens attend only within their own document.
-        kv_cache (inference): idx continues the cached positions, and the cache is extended by T."""
+        kv_cache (inference): idx continues the cached slots, and the cache is extended by T.
+        last_only: logits of the last position only, (B, 1, V) (a prefill needs no more)."""
         B, T = idx.shape
         T0 = kv_cache.pos if kv_cache is not None else 0
         if T0 + T > self.cos.size(1):
@@ -270,10 +372,24 @@ class GPT(nn.Module):
         if doc_ids is not None and (doc_ids.shape != idx.shape or kv_cache is not None):
             raise ValueError(f"doc_ids must match idx {tuple(idx.shape)} and cannot be used with a kv cache")
         dt, V = self.dtype, self.config.vocab_size
-        cos, sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
+        padded = kv_cache is not None and kv_cache.offsets is not None
+        static = kv_cache is not None and kv_cache.static
+        if static:
+            if T != 1:
+                raise ValueError(f"a static kv cache decodes one token per row per step, got {T}")
+            pos = kv_cache.static_positions()
+            cos, sin = self.cos[0][pos][:, None], self.sin[0][pos][:, None]
+        elif padded:  # per-row positions
+            pos = kv_cache.positions(T)
+            cos, sin = self.cos[0][pos], self.sin[0][pos]
+        else:
+            cos, sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
         x = norm(self.transformer.wte(idx).to(dt))
         prev = kv_cache.prev if kv_cache is not None and T0 > 0 else None
-        if kv_cache is not None:
+        if static:
+            prev = kv_cache.prev_buf.clone()  # read before this step overwrites it
+            kv_cache.prev_buf.copy_(x[:, -1:])
+        elif kv_cache is not None:
             kv_cache.prev = x[:, -1:]
         src = x if prev is None else torch.cat([prev, x], dim=1)  # the token before each one, pre-smear
         if src.size(1) > 1:  # smear: mix the previous token's embedding in, gated by the current one
@@ -281,22 +397,30 @@ class GPT(nn.Module):
             gate = self.smear_lambda.to(dt) * torch.sigmoid(self.smear_gate(cur[..., :SMEAR_CHANNELS]))
             if doc_ids is not None:  # not across a document boundary
                 gate = gate * (doc_ids[:, 1:] == doc_ids[:, :-1]).unsqueeze(-1).to(dt)
+            first = T0 if prev is not None else T0 + 1  # slot of cur[:, 0]
+            if padded and not static and first <= kv_cache.max_offset:  # a row's first real token has no token before it
+                slots = torch.arange(first, T0 + T, device=idx.device)
+                gate = gate * (slots[None, :] > kv_cache.offsets[:, None]).unsqueeze(-1).to(dt)
             mixed = cur + gate * before
             x = mixed if prev is not None else torch.cat([x[:, :1], mixed], dim=1)
         x0, x_mid = x, None
         masks = None
         if idx.is_cuda and self.training:  # eval and generation vary T: SDPA avoids recompiling flex per length
             masks = block_masks(T, set(self.windows), doc_ids, idx.device)
-        for i, block in enumerate(self.transformer.h):
-            x = self.resid_lambdas[i].to(dt) * x + self.x0_lambdas[i].to(dt) * x0
-            ve = self.value_embeds[str(i)](idx).to(dt) if str(i) in self.value_embeds else None
-            left = self.windows[i]
-            x = block(x, ve, cos, sin, left, doc_ids, masks[left] if masks else None,
-                      (kv_cache, i) if kv_cache is not None else None)
-            if i == self.config.n_layer // 2:
-                x_mid = x
+        with sdpa_kernel(DECODE_BACKENDS) if idx.is_cuda and (kv_cache is not None or not self.training) \
+                else nullcontext():
+            for i, block in enumerate(self.transformer.h):
+                x = self.resid_lambdas[i].to(dt) * x + self.x0_lambdas[i].to(dt) * x0
+                ve = self.value_embeds[str(i)](idx).to(dt) if str(i) in self.value_embeds else None
+                left = self.windows[i]
+                x = block(x, ve, cos, sin, left, doc_ids, masks[left] if masks else None,
+                          (kv_cache, i) if kv_cache is not None else None)
+                if i == self.config.n_layer // 2:
+                    x_mid = x
         if kv_cache is not None:
-            kv_cache.pos += T
+            kv_cache.advance(T)
+        if last_only:
+            x, x_mid = x[:, -1:], x_mid[:, -1:]
         x = norm(x - self.backout_lambda.to(dt) * x_mid)
         logits = self.lm_head(x)[..., :V].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)

@@ -389,6 +389,8 @@ def train(args) -> int:
             "user_config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "max_seq_len": T, "device_batch_size": B, "total_batch_size": total,
             "nanosft": {"snapshot_id": manifest["snapshot_id"], "snapshot": str(snapshot), "world_size": world,
+                        "tokenizer": {"file": str(snapshot / manifest["tokenizer"]["file"]),  # what eval/chat load
+                                      "fingerprint": manifest["tokenizer"]["fingerprint"]},
                         "rows_per_step": rows_per_step, "num_steps": num_steps, "loop_state": dict(loop)},
         }
         save_checkpoint(out_dir, step, model.state_dict() if master else None, optimizer.state_dict(),
