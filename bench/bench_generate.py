@@ -326,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     a("--no-check", action="store_true", help="skip the decode-path correctness checks that run first")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:  # torch 2.11's set_device wants an index
+        device = torch.device("cuda", 0)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -436,10 +438,10 @@ def table(report: dict) -> str:
     for name, r in report["configs"].items():
         nano = r["nanochat"].get("tok_s") or report["baseline_tok_s"]
         cc = r["chatcore"]
-        lines.append(f"| {name} | {r['single']['tok_s']:,.1f} | {r['single']['tok_s'] / nano:.1f}x | " + " | ".join(
-            f"{b['tok_s']:,.0f}" if "tok_s" in b else b.get("error", "-") for b in r["batched"]) +
-            f" | {cc['full']['seconds']:.1f}" if "full" in cc else " | -")
-        lines[-1] += f" | {cc['sft']['seconds']:.1f} |" if "sft" in cc else " | - |"
+        batched = " | ".join(f"{b['tok_s']:,.0f}" if "tok_s" in b else b.get("error", "-") for b in r["batched"])
+        chatcore = " | ".join(f"{cc[k]['seconds']:.1f}" if k in cc else "-" for k in ("full", "sft"))
+        lines.append(f"| {name} | {r['single']['tok_s']:,.1f} | {r['single']['tok_s'] / nano:.1f}x | {batched} | "
+                     f"{chatcore} |")
     base = "nanochat's Engine, same run" if any("tok_s" in r["nanochat"] for r in report["configs"].values()) \
         else f"{report['baseline_tok_s']} tok/s (nanochat's Engine, issue 7)"
     lines.append(f"baseline: {base}; targets: single d12 >= {TARGETS['single_d12_tok_s']:.0f} tok/s, batched d20 >= "

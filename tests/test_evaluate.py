@@ -39,10 +39,12 @@ class StandIn(nn.Module):
         self.anchor = nn.Parameter(torch.zeros(1))
         self.seen: list[list[int]] = []
 
-    def forward(self, idx, targets=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, loss_reduction="mean", logits_at=None):
         assert idx.shape[1] <= self.config.sequence_len, "context was not cropped"
         self.seen.append(idx[0].tolist())
         logits = self.logits(idx)
+        if logits_at is not None:  # GPT's interface: one position per row
+            logits = logits[torch.arange(idx.size(0)), logits_at][:, None]
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, self.vocab), targets.reshape(-1), ignore_index=-1,

@@ -462,6 +462,18 @@ def test_decode_step_has_no_mask_and_last_only():
         assert cache.offsets is None
 
 
+def test_logits_at_one_position_per_row_equals_the_full_logits():
+    """A categorical eval reads one position per right-padded row; the other rows' positions are never unembedded."""
+    model = randomize(build(sequence_len=256, n_layer=2)).eval()
+    idx = torch.randint(0, 300, (3, 30))
+    at = torch.tensor([29, 0, 17])
+    with torch.no_grad():
+        got = model(idx, logits_at=at)
+        full = model(idx)
+    assert got.shape == (3, 1, 300)
+    torch.testing.assert_close(got[:, 0], full[torch.arange(3), at], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("pad", [0, 8])
 @pytest.mark.parametrize("mode", ["sliced", "static", "graph"])

@@ -377,7 +377,8 @@ def run_categorical(model, tok, task, batch_size: int = 8, max_problems: int | N
         prompts = [render_for_completion(c, tok)[-context:] for c in conversations]
         width = max(len(p) for p in prompts)
         x = torch.tensor([p + [tok.bos_id] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
-        logits = model(x)
+        last = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long, device=device)
+        logits = model(x, logits_at=last)  # (B, 1, V): each prompt's last position
         for k, (conv, prompt) in enumerate(zip(conversations, prompts)):
             letters = conv.get("letters")
             if not letters:
@@ -389,7 +390,7 @@ def run_categorical(model, tok, task, batch_size: int = 8, max_problems: int | N
                         raise ValueError(f"task {getattr(task, 'name', '?')}: answer letter {letter!r} encodes to "
                                          f"{len(ids)} tokens {ids}; categorical eval needs one token per letter")
                     letter_ids[letter] = ids[0]
-            scores = logits[k, len(prompt) - 1, [letter_ids[s] for s in letters]]
+            scores = logits[k, 0, [letter_ids[s] for s in letters]]
             predicted = letters[int(scores.argmax())]
             ok = bool(task.evaluate(conv, predicted))
             passed += int(ok)

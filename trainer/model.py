@@ -360,11 +360,13 @@ class GPT(nn.Module):
                        v=[torch.empty(shape, dtype=self.dtype, device=device) for _ in range(c.n_layer)])
 
     def forward(self, idx, targets=None, loss_reduction: str = "mean", doc_ids=None, kv_cache: KVCache | None = None,
-                last_only: bool = False):
+                last_only: bool = False, logits_at: torch.Tensor | None = None):
         """idx (B, T) -> logits (B, T, V) fp32, or the loss (ignore_index=-1): a scalar for mean/sum,
         per token (B*T,) for "none". doc_ids (B, T): tokens attend only within their own document.
         kv_cache (inference): idx continues the cached slots, and the cache is extended by T.
-        last_only: logits of the last position only, (B, 1, V) (a prefill needs no more)."""
+        last_only: logits of the last position only, (B, 1, V) (a prefill needs no more).
+        logits_at (B,): logits of one position per row only, (B, 1, V) (a categorical eval reads each
+        right-padded prompt's last token: the unembedding of every other position is wasted work)."""
         B, T = idx.shape
         T0 = kv_cache.pos if kv_cache is not None else 0
         if T0 + T > self.cos.size(1):
@@ -421,6 +423,9 @@ class GPT(nn.Module):
             kv_cache.advance(T)
         if last_only:
             x, x_mid = x[:, -1:], x_mid[:, -1:]
+        elif logits_at is not None:
+            rows = torch.arange(B, device=idx.device)
+            x, x_mid = x[rows, logits_at][:, None], x_mid[rows, logits_at][:, None]
         x = norm(x - self.backout_lambda.to(dt) * x_mid)
         logits = self.lm_head(x)[..., :V].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
