@@ -358,28 +358,32 @@ def _gather_records(local: list[dict], records: list | None) -> None:
 @torch.no_grad()
 def run_categorical(model, tok, task, batch_size: int = 8, max_problems: int | None = None,
                     records: list | None = None) -> float:
-    """Accuracy on a multiple-choice task: one forward per batch of prompts (right-padded with BOS); the
-    logits at each prompt's last position (`<|assistant_start|>`), restricted to its letters' token ids,
-    pick the answer. Rank r takes batches r, r+W, ...; counts are summed over ranks. `records` (optional)
-    receives {index, completion (the letter), passed} per problem, from every rank."""
+    """Accuracy on a multiple-choice task: one forward per batch of prompts (right-padded with BOS, similar
+    lengths batched together, so little of a batch is padding); the logits at each prompt's last position
+    (`<|assistant_start|>`), restricted to its letters' token ids, pick the answer. Rank r takes problems
+    r, r+W, ...; counts are summed over ranks. `records` (optional) receives {index, completion (the letter),
+    passed} per problem, from every rank."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rank, world = _dist()
     device = _device(model)
     context = int(model.config.sequence_len)
-    n = _num_problems(task, max_problems)
+    mine = list(range(rank, _num_problems(task, max_problems), world))
+    conversations = {i: task[i] for i in mine}
+    prompts = {i: render_for_completion(conversations[i], tok)[-context:] for i in mine}
+    order = sorted(mine, key=lambda i: (-len(prompts[i]), i))  # longest first: a batch too big fails at once
     letter_ids: dict[str, int] = {}
     passed = total = 0
     local: list[dict] = []
-    for b in range(rank, -(-n // batch_size), world):
-        first = b * batch_size
-        conversations = [task[i] for i in range(first, min((b + 1) * batch_size, n))]
-        prompts = [render_for_completion(c, tok)[-context:] for c in conversations]
-        width = max(len(p) for p in prompts)
-        x = torch.tensor([p + [tok.bos_id] * (width - len(p)) for p in prompts], dtype=torch.long, device=device)
-        last = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long, device=device)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = len(prompts[chunk[0]])
+        x = torch.tensor([prompts[i] + [tok.bos_id] * (width - len(prompts[i])) for i in chunk], dtype=torch.long,
+                         device=device)
+        last = torch.tensor([len(prompts[i]) - 1 for i in chunk], dtype=torch.long, device=device)
         logits = model(x, logits_at=last)  # (B, 1, V): each prompt's last position
-        for k, (conv, prompt) in enumerate(zip(conversations, prompts)):
+        for k, i in enumerate(chunk):
+            conv = conversations[i]
             letters = conv.get("letters")
             if not letters:
                 raise DataError("a categorical problem needs its answer letters", field="letters")
@@ -395,7 +399,7 @@ def run_categorical(model, tok, task, batch_size: int = 8, max_problems: int | N
             ok = bool(task.evaluate(conv, predicted))
             passed += int(ok)
             total += 1
-            local.append({"index": first + k, "completion": predicted, "passed": ok})
+            local.append({"index": i, "completion": predicted, "passed": ok})
     _gather_records(local, records)
     return _accuracy(passed, total, device, task)
 
