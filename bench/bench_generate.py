@@ -36,7 +36,7 @@ from pipeline.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, ChatTokenizer  # n
 from pipeline.tasks.mmlu import render_mc  # noqa: E402
 from trainer.config import GPTConfig  # noqa: E402
 from trainer.engine import Engine  # noqa: E402
-from trainer.evaluate import (LOADERS, EvalTask, _eval_mode, _try_load, judge_final_answer,  # noqa: E402
+from trainer.evaluate import (EvalTask, _eval_mode, _try_load, judge_final_answer,  # noqa: E402
                               judge_humaneval, judge_letter, run_categorical, run_generative)
 from trainer.inference import cast_for_inference  # noqa: E402
 from trainer.model import GPT  # noqa: E402

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -152,6 +151,7 @@ def test_bench_generate_smoke(tmp_path):
     assert [b["batch"] for b in d2["batched"]] == [1, 4] and all(b["tok_s"] > 0 for b in d2["batched"])
     full, sft = d2["chatcore"]["full"], d2["chatcore"]["sft"]
     assert set(full["tasks"]) == {"ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"}
+    assert set(sft["tasks"]) == set(full["tasks"]) and sft["seconds"] > 0
     assert full["tasks"]["MMLU"]["problems"] == 6 and full["tasks"]["GSM8K"]["problems"] == 3
     assert all(v.startswith("synthetic") for v in report["chatcore_tasks"].values())
     assert "| d2 |" in r.stdout and "baseline: 20.4 tok/s" in r.stdout

@@ -21,7 +21,7 @@ import zstandard
 
 import pipeline.prepare as prep
 from pipeline.errors import DataError, RecipeError, SnapshotError
-from pipeline.manifest import load_manifest, sha256_file, verify_snapshot
+from pipeline.manifest import load_manifest, verify_snapshot
 from pipeline.prepare import prepare
 
 from tests.recipes import write_recipe

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.manifest import load_manifest
 from pipeline.prepare import prepare
 from pipeline.shard_format import ShardReader, ShardRows, write_shard
 from trainer import train as train_mod

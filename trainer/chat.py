@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Callable, Iterable, TextIO
 
-from pipeline.errors import DataError, SourceMissingError
+from pipeline.cli import run_cli
 from pipeline.tokenizer import ChatTokenizer
 from trainer.checkpoint import CheckpointError
 from trainer.engine import Engine
@@ -109,14 +109,14 @@ def run(args, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except (CheckpointError, DataError, SourceMissingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print()
-        return 0
+
+    def body() -> int:
+        try:
+            return run(args)
+        except KeyboardInterrupt:  # leaving a chat with Ctrl-C is not a failure
+            print()
+            return 0
+    return run_cli(body, errors=(CheckpointError,))
 
 
 if __name__ == "__main__":

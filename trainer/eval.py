@@ -16,10 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
-from pipeline.errors import DataError, SourceMissingError
+from pipeline.cli import run_cli
 from trainer.checkpoint import CheckpointError, base_dir
 from trainer.common import print0
 from trainer.evaluate import LOADERS, chatcore
@@ -104,10 +103,7 @@ def run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return run(args)
-    except (CheckpointError, DataError, SourceMissingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return run_cli(lambda: run(args), errors=(CheckpointError,))
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
