@@ -42,7 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
+from pipeline.cli import run_cli
 from pipeline.errors import DataError
+from pipeline.manifest import write_json_atomic
 from pipeline.recipe import Recipe, load_recipe, resolve_recipe_path
 from pipeline.tasks import resolve_params
 from pipeline.tasks.customjson import IDENTITY_URL
@@ -186,11 +188,8 @@ def read_record(path: Path) -> dict[str, Any] | None:
 
 
 def write_json(path: Path, obj: Any, indent: int | None = 1) -> None:
-    """Write JSON under a temporary name, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=indent), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, obj, indent=indent, newline=False)
 
 
 def place(src: Path, dst: Path) -> None:
@@ -529,16 +528,11 @@ def main(argv: list[str] | None = None) -> int:
                     "MMLU test, GSM8K test")
     ap.add_argument("--words", action="store_true", help="also nanochat's SpellingBee word list (words_alpha.txt)")
     args = ap.parse_args(argv)
-    try:
-        recipe = load_recipe(resolve_recipe_path(args.recipe))
-        fetch(recipe, args.data_dir, args.eval, args.words)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing half-written is left, rerun to continue", file=sys.stderr)
-        return 130
-    return 0
+
+    def body() -> int:
+        fetch(load_recipe(resolve_recipe_path(args.recipe)), args.data_dir, args.eval, args.words)
+        return 0
+    return run_cli(body, interrupted="interrupted; nothing half-written is left, rerun to continue")
 
 
 if __name__ == "__main__":

@@ -82,11 +82,13 @@ def manifest_identity(manifest: dict[str, Any]) -> dict[str, Any]:
         raise SnapshotError(f"manifest lacks a field of the snapshot identity ({e})") from None
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
+def write_json_atomic(path: Path, value: Any, indent: int | None = 2, newline: bool = True) -> None:
+    """JSON under a temporary name (pid-tagged, so stale ones are found), synced, then renamed into place.
+    `indent=None, newline=False` writes exactly what Python's `json.dump(value, f)` writes."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(value, indent=indent) + ("\n" if newline else ""), encoding="utf-8")
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -10,7 +10,6 @@ and verdict.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from pipeline.cli import run_cli
+from pipeline.manifest import write_json_atomic
 from trainer.checkpoint import CheckpointError, base_dir
 from trainer.common import print0
 from trainer.evaluate import LOADERS, chatcore
@@ -56,16 +56,6 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def run(args) -> int:
     loaded = load_checkpoint(args)
     tasks = args.task_name.split("|") if args.task_name else list(LOADERS)
@@ -95,7 +85,8 @@ def run(args) -> int:
                "tasks": {name: {"accuracy": res[name], "problems": res["problems"][name],
                                 "files": res["files"][name], "seconds": res["seconds"][name],
                                 "results": records[name]} for name in res["files"]}}
-        write_json(args.json, out)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.json, out, indent=1)
         print0(f"wrote {args.json}")
     return 0
 
