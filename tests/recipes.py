@@ -78,3 +78,21 @@ sizes = {sizes}
 {val}
 """)
     return path
+
+
+# A chat task reading one file (format with path=...) beside a spelling task, and a SmolTalk val split.
+CHAT_TRAIN = """
+[[train]]
+kind = "chat"
+name = "mychat"
+params = {{ paths = "{path}" }}
+
+[[train]]
+kind = "simplespelling"
+params = {{ size = 50, split = "train" }}
+"""
+CHAT_VAL = """
+[[val]]
+kind = "smoltalk"
+params = { split = "test" }
+"""

@@ -33,7 +33,7 @@ from pipeline.shard_format import SplitReader
 from pipeline.tasks import build_task
 from pipeline.tokenizer import load_tokenizer
 
-from tests.recipes import write_recipe
+from tests.recipes import CHAT_TRAIN, CHAT_VAL, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -304,21 +304,6 @@ def test_overlong_drop_versus_truncate(base, tmp_path):
 
 # ----------------------------------------------------------------------------- bad input
 
-CHAT_TRAIN = """
-[[train]]
-kind = "chat"
-name = "mychat"
-params = {{ paths = "{path}" }}
-
-[[train]]
-kind = "simplespelling"
-params = {{ size = 50, split = "train" }}
-"""
-CHAT_VAL = """
-[[val]]
-kind = "smoltalk"
-params = { split = "test" }
-"""
 
 
 def chat_line(i: int) -> dict:

@@ -24,7 +24,7 @@ from pipeline.errors import DataError, RecipeError, SnapshotError
 from pipeline.manifest import load_manifest, verify_snapshot
 from pipeline.prepare import prepare
 
-from tests.recipes import write_recipe
+from tests.recipes import CHAT_TRAIN, CHAT_VAL, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -411,21 +411,6 @@ def test_demo_writer_removes_its_stale_temps(tmp_path):
 
 # ----------------------------------------------------------------------------- recipes and source rows
 
-CHAT = """
-[[train]]
-kind = "chat"
-name = "mychat"
-params = {{ paths = "{path}" }}
-
-[[train]]
-kind = "simplespelling"
-params = {{ size = 50, split = "train" }}
-"""
-VAL = """
-[[val]]
-kind = "smoltalk"
-params = { split = "test" }
-"""
 
 
 def chat_jsonl(path: Path, n: int, raw: dict[int, bytes] | None = None) -> Path:
@@ -475,14 +460,14 @@ params = {params}
 def test_invalid_utf8_on_line_20_is_skipped_with_its_line_number(base, tmp_path):
     data = fresh(base, tmp_path)
     src = chat_jsonl(data / "mychat.jsonl", 30, {20: b'{"messages": "\xff\xfe"}'})
-    recipe = write_recipe(tmp_path / "r", bad_rows="skip", train=CHAT.format(path=src.as_posix()), val=VAL)
+    recipe = write_recipe(tmp_path / "r", bad_rows="skip", train=CHAT_TRAIN.format(path=src.as_posix()), val=CHAT_VAL)
     snap = build(recipe, data)
     mine = next(t for t in load_manifest(snap)["stats"]["tasks"] if t["name"] == "mychat")
     assert mine["bad"] == 1 and mine["conversations"] == 30 and mine["packed"] == 29
     skipped = load_manifest(snap)["stats"]["skipped_examples"]
     assert any("row 20" in e and "UTF-8" in e and "line 20" in e for e in skipped), skipped
 
-    recipe = write_recipe(tmp_path / "f", bad_rows="fail", train=CHAT.format(path=src.as_posix()), val=VAL)
+    recipe = write_recipe(tmp_path / "f", bad_rows="fail", train=CHAT_TRAIN.format(path=src.as_posix()), val=CHAT_VAL)
     with pytest.raises(DataError) as e:
         build(recipe, data)
     assert e.value.row == 20 and e.value.file == str(src.resolve()) and "UTF-8" in str(e.value)
@@ -492,18 +477,18 @@ def test_an_empty_source_file_is_refused_under_fail_and_reported_under_skip(base
     data = fresh(base, tmp_path)
     src = data / "empty.jsonl"
     src.write_bytes(b"")
-    recipe = write_recipe(tmp_path / "f", train=CHAT.format(path=src.as_posix()), val=VAL)
+    recipe = write_recipe(tmp_path / "f", train=CHAT_TRAIN.format(path=src.as_posix()), val=CHAT_VAL)
     with pytest.raises(DataError) as e:
         build(recipe, data)
     assert str(src.resolve()) in str(e.value) and e.value.task == "mychat" and e.value.field == "train[0]"
 
-    recipe = write_recipe(tmp_path / "s", bad_rows="skip", train=CHAT.format(path=src.as_posix()), val=VAL)
+    recipe = write_recipe(tmp_path / "s", bad_rows="skip", train=CHAT_TRAIN.format(path=src.as_posix()), val=CHAT_VAL)
     out = io.StringIO()
     prepare(recipe, data, 1, out=out)
     assert f"warning: task mychat: no conversation: its source file(s) {src.resolve()}" in out.getvalue()
 
-    alone = CHAT.format(path=src.as_posix()).split("[[train]]\nkind = \"simplespelling\"")[0]
-    recipe = write_recipe(tmp_path / "a", bad_rows="skip", train=alone, val=VAL)
+    alone = CHAT_TRAIN.format(path=src.as_posix()).split("[[train]]\nkind = \"simplespelling\"")[0]
+    recipe = write_recipe(tmp_path / "a", bad_rows="skip", train=alone, val=CHAT_VAL)
     with pytest.raises(DataError, match="no conversation left to pack; empty task\\(s\\): mychat") as e:
         build(recipe, data)
     assert str(src.resolve()) in str(e.value)
