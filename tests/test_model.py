@@ -401,6 +401,64 @@ def test_flex_attention_matches_sdpa_on_cuda(monkeypatch, docs):
     assert torch.allclose(flex, sdpa, atol=2e-3), (flex - sdpa).abs().max()
 
 
+def test_causal_sdpa_backend_choice(monkeypatch):
+    """"auto" is cuDNN on Hopper only; fp32 and the CPU always stay on flex; a misspelt choice is refused."""
+    from torch.nn.attention import SDPBackend
+    from trainer.model import causal_sdpa_backend
+    cpu = torch.device("cpu")
+    assert causal_sdpa_backend(cpu, torch.bfloat16) is None  # auto off CUDA
+    monkeypatch.setattr(model_module, "CAUSAL_SDPA_BACKEND", "flash")
+    assert causal_sdpa_backend(cpu, torch.bfloat16) == SDPBackend.FLASH_ATTENTION
+    assert causal_sdpa_backend(cpu, torch.float32) is None
+    monkeypatch.setattr(model_module, "CAUSAL_SDPA_BACKEND", "cudnn_attention")
+    with pytest.raises(ValueError, match="CAUSAL_SDPA_BACKEND='cudnn_attention'"):
+        causal_sdpa_backend(cpu, torch.bfloat16)
+
+
+PLAIN_PATH = {"CAUSAL_SDPA_BACKEND": None, "FLEX_KERNEL_OPTIONS": None}
+
+
+def _loss_and_grads(model: GPT, idx, targets, settings: dict, monkeypatch):
+    for name, value in {**PLAIN_PATH, **settings}.items():
+        monkeypatch.setattr(model_module, name, value)
+    model.zero_grad(set_to_none=True)
+    loss = model.train()(idx, targets)
+    loss.backward()
+    return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("settings", [{"CAUSAL_SDPA_BACKEND": "auto"}, {"CAUSAL_SDPA_BACKEND": "cudnn"},
+                                      {"CAUSAL_SDPA_BACKEND": "flash"}])
+def test_training_kernel_choices_match_the_plain_path_on_cuda(monkeypatch, settings):
+    """Each faster training-path choice computes the plain path's loss and gradients: in bf16 it is no
+    further from an fp32 run of the plain path than the plain bf16 path is (two bf16 runs differ by noise)."""
+    kw = dict(sequence_len=1024, vocab_size=512, n_layer=4, n_head=2, n_kv_head=2, n_embd=256)
+    models = {}
+    for dtype in ("float32", "bfloat16"):
+        monkeypatch.setenv("NANOCHAT_DTYPE", dtype)
+        models[dtype] = build(init=False, **kw).cuda()
+        models[dtype].init_weights()
+    randomize(models["float32"])
+    models["bfloat16"].load_state_dict(models["float32"].state_dict())
+    g = torch.Generator(device="cuda").manual_seed(3)
+    idx = torch.randint(0, 512, (2, 1024), device="cuda", generator=g)
+    targets = torch.randint(0, 512, (2, 1024), device="cuda", generator=g)
+    targets[:, :100] = -1
+    ref_loss, ref = _loss_and_grads(models["float32"], idx, targets, {}, monkeypatch)
+    old_loss, old = _loss_and_grads(models["bfloat16"], idx, targets, {}, monkeypatch)
+    new_loss, new = _loss_and_grads(models["bfloat16"], idx, targets, settings, monkeypatch)
+    assert math.isfinite(new_loss) and abs(new_loss - ref_loss) <= 2 * abs(old_loss - ref_loss) + 2e-3 * ref_loss
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+    for name in ref:  # a scalar's gradient sums many cancelling terms: bf16 noise is relatively larger there
+        slack = (2, 2e-3) if ref[name].numel() >= 1024 else (3, 5e-2)
+        assert torch.isfinite(new[name]).all(), name
+        assert rel(new[name], ref[name]) <= slack[0] * rel(old[name], ref[name]) + slack[1], \
+            (name, rel(new[name], ref[name]), rel(old[name], ref[name]))
+
+
 @pytest.mark.parametrize("kw", [{}, {"n_kv_head": 1}, {"num_experts": 4, "top_k": 2}])
 def test_kv_cache_decoding_matches_the_full_forward(kw):
     """Prefill, then one token at a time: the same logits as one forward over the whole sequence, with the

@@ -23,13 +23,36 @@ from trainer.moe import MoE, update_expert_biases
 SMEAR_CHANNELS, VE_GATE_CHANNELS = 24, 12
 SOFTCAP, ROPE_BASE, QK_SCALE, ROTARY_OVERCOMPUTE = 15.0, 100_000, 1.2, 10
 _BLOCK_MASKS: dict = {}  # (T, left, device) -> BlockMask, for rows without document ids
-# FlexAttention kernel options for the training path (block sizes, warps, ...). None = inductor's defaults
-# for the card; bench/bench_train.py --flex-opts sets it to measure alternatives.
+# Training-path kernel choices. bench/bench_train.py --variants times alternatives in one process, and
+# tests/test_model.py checks each against the plain path on CUDA; bench/RESULTS.md has the measurements.
+# FlexAttention kernel options (block sizes, warps, ...); None = inductor's defaults for the card.
 FLEX_KERNEL_OPTIONS: dict | None = None
+# A layer whose window spans the whole row, in rows without document ids and without GQA, needs no block
+# mask: SDPA's causal kernel of this backend ("cudnn", "flash") runs it instead of flex. "auto": cuDNN on
+# Hopper (SM 9.0), where it measured 25 % faster than flex for the layer (3.0 vs 4.0 ms) and 3.7 ms faster for
+# a d20 step; flex elsewhere (unmeasured). None: flex for every layer.
+CAUSAL_SDPA_BACKEND: str | None = "auto"
+_SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
 # Evaluation and decoding on CUDA: not cuDNN, which builds a new plan for every new key length (at every
 # decode step, in every layer; at every batch width in a categorical eval). Flash takes the unmasked calls,
 # memory-efficient attention the masked ones.
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def causal_sdpa_backend(device: torch.device, dtype: torch.dtype) -> SDPBackend | None:
+    """The SDPA backend for full-window training layers (CAUSAL_SDPA_BACKEND resolved for the device), or None
+    (flex). fp32 always stays on flex: the fused causal kernels are 16-bit only."""
+    choice = CAUSAL_SDPA_BACKEND
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if choice == "auto":
+        hopper = device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+        choice = "cudnn" if hopper and torch.backends.cudnn.is_available() else None
+    if choice is None:
+        return None
+    if choice not in _SDPA_BACKENDS:
+        raise ValueError(f"CAUSAL_SDPA_BACKEND={choice!r}: expected one of {sorted(_SDPA_BACKENDS)}, 'auto' or None")
+    return _SDPA_BACKENDS[choice]
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -95,13 +118,18 @@ def _window_doc_mod(left: int, doc_ids):
 
 
 @torch.compiler.disable
-def block_masks(T: int, lefts: set[int], doc_ids, device) -> dict:
+def block_masks(T: int, lefts: set[int], doc_ids, device, gqa: bool = False, dtype=torch.float32) -> dict:
     """FlexAttention block mask per window; cached per (T, left, device) when there are no document ids.
-    Compile-disabled: one clean graph break at the top of the forward instead of tracing mask building."""
+    A full window without document ids or GQA gets the SDPA backend that runs it instead, where there is
+    one (causal_sdpa_backend). Compile-disabled: one clean graph break at the top of the forward instead of
+    tracing mask building."""
     make = _compiled(create_block_mask)
     masks = {}
+    causal = causal_sdpa_backend(torch.device(device), dtype) if doc_ids is None and not gqa else None
     for left in lefts:
-        if doc_ids is None:
+        if causal is not None and left >= T - 1:
+            masks[left] = causal
+        elif doc_ids is None:
             key = (T, left, str(device))
             if key not in _BLOCK_MASKS:
                 _BLOCK_MASKS[key] = make(_window_mod(left), None, None, T, T, device=device)
@@ -112,11 +140,15 @@ def block_masks(T: int, lefts: set[int], doc_ids, device) -> dict:
 
 
 def attend(q, k, v, left: int, doc_ids=None, mask=None):
-    """q (B, Hq, T, D), k/v (B, Hkv, T, D); GQA shares each kv head among Hq/Hkv query heads."""
+    """q (B, Hq, T, D), k/v (B, Hkv, T, D); GQA shares each kv head among Hq/Hkv query heads. `mask`: a
+    flex BlockMask, or the SDPA backend of a full causal window (block_masks), or None (SDPA, explicit mask)."""
+    T, gqa = q.size(2), q.size(1) != k.size(1)
+    if isinstance(mask, SDPBackend):  # a full-window layer: the causal kernel block_masks chose
+        with sdpa_kernel([mask]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if mask is not None:
         flex = flex_attention if torch.compiler.is_compiling() else _compiled(flex_attention)
         return flex(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=FLEX_KERNEL_OPTIONS)
-    T, gqa = q.size(2), q.size(1) != k.size(1)
     if left >= T - 1 and doc_ids is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(T, left, doc_ids, q.device),
@@ -408,7 +440,8 @@ class GPT(nn.Module):
         x0, x_mid = x, None
         masks = None
         if idx.is_cuda and self.training:  # eval and generation vary T: SDPA avoids recompiling flex per length
-            masks = block_masks(T, set(self.windows), doc_ids, idx.device)
+            masks = block_masks(T, set(self.windows), doc_ids, idx.device,
+                                gqa=self.config.n_head != self.config.n_kv_head, dtype=dt)
         with sdpa_kernel(DECODE_BACKENDS) if idx.is_cuda and (kv_cache is not None or not self.training) \
                 else nullcontext():
             for i, block in enumerate(self.transformer.h):
