@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import trainer.moe as moe_module
 from trainer.config import GPTConfig
 from trainer.moe import MoE, experts_grouped_mm, experts_loop, expert_hidden_dim, moe_stats, update_expert_biases
 
@@ -92,6 +93,24 @@ def test_idle_experts_get_zero_gradients():
     g = moe.experts.w_up.grad
     assert g is not None and g[0].abs().max() == 0 and g[1:].abs().sum() > 0
     assert moe.experts.w_down.grad[0].abs().max() == 0 and moe.router.gate.weight.grad.abs().sum() > 0
+
+
+def test_gather_permutation_matches_scatter(monkeypatch):
+    """MOE_PERMUTE="gather" moves rows with gathers both ways: the same output and gradients as index_put."""
+    x = torch.randn(3, 20, 64)
+    runs = {}
+    for mode in ("scatter", "gather"):
+        monkeypatch.setattr(moe_module, "MOE_PERMUTE", mode)
+        moe = make_moe()
+        xi = x.clone().requires_grad_(True)
+        out = moe.train()(xi)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        runs[mode] = (out.detach(), xi.grad, {n: p.grad for n, p in moe.named_parameters()})
+    (a, ga, pa), (b, gb, pb) = runs["scatter"], runs["gather"]
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gb, ga, rtol=1e-6, atol=1e-6)
+    for name in pa:
+        torch.testing.assert_close(pb[name], pa[name], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -54,6 +54,44 @@ def experts_loop(w_up, w_down, x, counts):
     return torch.cat(out)
 
 
+class _GatherSlots(torch.autograd.Function):
+    """Rows flat[order // k]: each token copied to its k slots, the slots in expert order. Backward gathers
+    the slot gradients back into token-major order and sums each token's k (no scatter-add, no atomics)."""
+
+    @staticmethod
+    def forward(ctx, flat, order, inv, k: int):
+        ctx.save_for_backward(inv)
+        ctx.k = k
+        return flat[order // k]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inv,) = ctx.saved_tensors
+        return grad[inv].view(-1, ctx.k, grad.size(-1)).sum(dim=1), None, None, None
+
+
+class _Permute(torch.autograd.Function):
+    """Rows x[idx] for a permutation idx whose inverse is inv: a gather forward and backward (where an
+    index_put into zeros would scatter forward and gather backward)."""
+
+    @staticmethod
+    def forward(ctx, x, idx, inv):
+        ctx.save_for_backward(inv)
+        return x[idx]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inv,) = ctx.saved_tensors
+        return grad[inv], None, None
+
+
+# How routed rows move between token order and expert order: "gather" (the two autograd functions above)
+# or "scatter" (index and index_put, autograd's own backward: scatter-adds), kept as the reference that
+# tests/test_moe.py compares with. On an H200, d20 with 8 experts: gather 490.7 ms/step, scatter 497.6
+# (bench/bench_train.py --variants, same first loss and gradient norm; bench/RESULTS.md).
+MOE_PERMUTE = "gather"
+
+
 class Experts(nn.Module):
     def __init__(self, dim: int, hidden: int, num_experts: int):
         super().__init__()
@@ -102,10 +140,16 @@ class MoE(nn.Module):
         gates, experts, counts = self.router(flat)
         # (token, slot) pairs in token-major order, stably sorted by expert: contiguous block per expert
         order = torch.argsort(experts.view(-1), stable=True)
-        routed = self.experts(flat[order // self.top_k], counts)
-        routed = routed * gates.view(-1)[order].unsqueeze(-1).to(routed.dtype)
-        combined = torch.zeros(B * T * self.top_k, C, dtype=routed.dtype, device=routed.device)
-        combined[order] = routed  # a permutation: every row written once
+        if MOE_PERMUTE == "gather":
+            inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+            routed = self.experts(_GatherSlots.apply(flat, order, inv, self.top_k), counts)
+            routed = routed * gates.view(-1)[order].unsqueeze(-1).to(routed.dtype)
+            combined = _Permute.apply(routed, inv, order)  # back to token-major slots
+        else:
+            routed = self.experts(flat[order // self.top_k], counts)
+            routed = routed * gates.view(-1)[order].unsqueeze(-1).to(routed.dtype)
+            combined = torch.zeros(B * T * self.top_k, C, dtype=routed.dtype, device=routed.device)
+            combined[order] = routed  # a permutation: every row written once
         out = combined.view(B * T, self.top_k, C).sum(dim=1) + self.shared_expert(flat)
         return out.view(B, T, C)
 
