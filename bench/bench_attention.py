@@ -3,9 +3,12 @@
     python bench/bench_attention.py [--batch 32] [--heads 10] [--seq-len 2048] [--rounds 5]
 
 Times forward+backward of the compiled flex_attention for nanochat's two window sizes (short S = a
-quarter of the row, long L = the row) under each candidate `kernel_options`, the candidates interleaved
-round by round so that clock drift hits them alike; prints the median per candidate and window, and its
-ratio to the inductor defaults. The winner goes into trainer.model.FLEX_KERNEL_OPTIONS.
+quarter of the row, long L = the row) under each candidate `kernel_options`, and, for the long window
+(plain causal attention), SDPA's causal kernels ("sdpa:cudnn", "sdpa:flash", "sdpa:efficient"), the
+candidates interleaved round by round so that clock drift hits them alike; prints the median per
+candidate and window, its ratio to the inductor defaults, and each candidate's largest difference from
+the defaults in the output and the gradients. Winners go into trainer.model (FLEX_KERNEL_OPTIONS,
+CAUSAL_SDPA_BACKEND).
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,6 +38,8 @@ CANDIDATES = {
                       "bwd_num_stages": 2, "bwd_num_warps": 8},
     "fwd 128/128 w8 s2": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 128, "fwd_num_warps": 8, "fwd_num_stages": 2},
 }
+SDPA = {"sdpa:cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa:flash": SDPBackend.FLASH_ATTENTION,
+        "sdpa:efficient": SDPBackend.EFFICIENT_ATTENTION}  # causal only: the long window
 
 
 def main() -> int:
@@ -43,7 +50,7 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--candidates", default=",".join(CANDIDATES))
+    ap.add_argument("--candidates", default=",".join([*CANDIDATES, *SDPA]))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -61,35 +68,44 @@ def main() -> int:
     ref = {left: None for left in masks}
 
     def run(name, left):
-        out = flex(q, k, v, block_mask=masks[left], kernel_options=CANDIDATES[name])
+        if name in SDPA:
+            with sdpa_kernel([SDPA[name]]):
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = flex(q, k, v, block_mask=masks[left], kernel_options=CANDIDATES[name])
         out.backward(grad)
         return out
 
+    def windows(name):
+        return [T] if name in SDPA else list(masks)
+
     failed = set()
     for name in names:  # compile every candidate, check it against the defaults
-        for left in masks:
+        for left in windows(name):
             try:
                 out = run(name, left).detach().float()
             except Exception as e:  # a config the card cannot run is reported, not fatal
                 print(f"{name} window {left}: {type(e).__name__}: {str(e)[:200]}")
                 failed.add(name)
                 continue
+            grads = [t.grad.float() for t in (q, k, v)]
             if ref[left] is None:
-                ref[left] = out
-            err = (out - ref[left]).abs().max().item()
-            finite = bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(t.grad).all()) for t in (q, k, v))
-            print(f"compiled {name:22s} window {left:5d}: max |out - defaults| {err:.2e}"
-                  f"{'' if finite else '  NOT FINITE: rejected'}")
+                ref[left] = (out, grads)
+            err = (out - ref[left][0]).abs().max().item()
+            gerr = max((g - r).abs().max().item() for g, r in zip(grads, ref[left][1]))
+            finite = bool(torch.isfinite(out).all()) and all(bool(torch.isfinite(g).all()) for g in grads)
+            print(f"compiled {name:22s} window {left:5d}: max |out - defaults| {err:.2e}, max |grad - defaults| "
+                  f"{gerr:.2e}{'' if finite else '  NOT FINITE: rejected'}")
             if not finite:  # a wrong kernel is not a candidate (and NaN data changes power draw, hence clocks)
                 failed.add(name)
             for t in (q, k, v):
                 t.grad = None
-    times = {(n, left): [] for n in names for left in masks}
+    times = {(n, left): [] for n in names for left in windows(n)}
     for _ in range(args.rounds):
         for name in names:
             if name in failed:
                 continue
-            for left in masks:
+            for left in windows(name):
                 e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 e0.record()
                 for _ in range(args.iters):
@@ -106,6 +122,9 @@ def main() -> int:
             continue
         cells = []
         for left in masks:
+            if (name, left) not in times:
+                cells.append("- | -")
+                continue
             ms = statistics.median(times[(name, left)])
             base = statistics.median(times[(names[0], left)])
             cells.append(f"{ms:.2f} | {ms / base:.3f}")

@@ -1,0 +1,58 @@
+"""bench/bench_train.py's CPU-side logic: micro-steps from the total batch, the settings it switches between
+variants, and the synthetic snapshot it trains on (the timing itself needs a GPU)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import trainer.model as model_module
+import trainer.moe as moe_module
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_train", REPO / "bench" / "bench_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Args:
+    def __init__(self, batch: int, total_batch: int):
+        self.batch, self.total_batch = batch, total_batch
+
+
+def test_micro_steps_follow_the_total_batch(bench):
+    assert bench.micro_steps(Args(32, 0), 2048, 1) == 1
+    assert bench.micro_steps(Args(32, 524288), 2048, 1) == 8  # nanochat's SFT batch on one GPU
+    assert bench.micro_steps(Args(32, 524288), 2048, 2) == 4
+    with pytest.raises(SystemExit, match="not a multiple of batch 32 x seq 2048 x world 3"):
+        bench.micro_steps(Args(32, 524288), 2048, 3)
+
+
+def test_settings_switch_and_reset(bench, monkeypatch):
+    monkeypatch.setattr(model_module, "CAUSAL_SDPA_BACKEND", model_module.CAUSAL_SDPA_BACKEND)
+    monkeypatch.setattr(moe_module, "MOE_PERMUTE", moe_module.MOE_PERMUTE)
+    assert bench.parse_settings('causal_sdpa="cudnn",moe_permute="scatter",flex=null') == \
+        {"causal_sdpa": "cudnn", "moe_permute": "scatter", "flex": None}
+    bench.apply_settings({"causal_sdpa": None, "moe_permute": "scatter"})
+    assert model_module.CAUSAL_SDPA_BACKEND is None and moe_module.MOE_PERMUTE == "scatter"
+    bench.apply_settings({})  # a variant without a key gets the module's default back
+    assert bench.current_settings() == bench.DEFAULTS
+    assert bench.DEFAULTS["causal_sdpa"] == "auto" and bench.DEFAULTS["moe_permute"] == "gather"
+    with pytest.raises(SystemExit, match="unknown setting.*fused"):
+        bench.apply_settings({"fused": True})
+
+
+def test_synthetic_snapshot_is_a_readable_split(bench, tmp_path):
+    reader = bench.synthetic_snapshot(tmp_path, rows=1100, seq_len=64, vocab=512)
+    assert reader.num_rows == 1100 and len(list(tmp_path.glob("train-*.arrow"))) == 2
+    tokens, mask = np.zeros((2, 65), dtype=np.int64), np.zeros((2, 65), dtype=np.uint8)
+    reader.gather(np.array([0, 1099]), tokens, mask)
+    assert reader.meta.max_seq_len == 64 and 0 < int(tokens.max()) < 512 - 9
+    assert mask[:, 0].sum() == 0 and 0 < mask.mean() < 1
