@@ -3,7 +3,6 @@ damaged snapshot and checkpoint files, a resume with another batch size, leftove
 Each ends in one line (`error: …` exit 2 or `interrupted; …` exit 130), never a traceback."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
@@ -16,19 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.prepare import prepare
 from pipeline.shard_format import ShardReader, ShardRows, write_shard
 from trainer import train as train_mod
 from trainer.checkpoint import PHASE_DIRS, save_checkpoint
 
-from tests.test_train import args, base, mini_recipe, one_thread  # noqa: F401  (fixtures)
-
-
-@pytest.fixture(scope="module")
-def snap(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("rsnap")
-    snapshot = prepare(mini_recipe(root / "recipe"), root / "data", workers=1, out=io.StringIO())
-    return root / "data", snapshot
+from tests.test_train import args, base, one_thread, snap  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="module")
