@@ -25,7 +25,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.model import _window_mod  # noqa: E402
+from trainer.model import _window_mod, short_window  # noqa: E402
 
 CANDIDATES = {
     "defaults": None,
@@ -58,7 +58,7 @@ def main() -> int:
         return 1
     dev = torch.device("cuda")
     B, H, T, D = args.batch, args.heads, args.seq_len, args.head_dim
-    short = -(-T // 4 // 128) * 128
+    short = short_window(T)
     torch._dynamo.config.recompile_limit = 64  # one graph per (candidate, window)
     flex = torch.compile(flex_attention, dynamic=False)
     names = args.candidates.split(",")

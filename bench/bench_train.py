@@ -36,7 +36,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.shard_format import ShardMeta, ShardRows, SplitReader, write_shard  # noqa: E402
-from trainer.common import dist_info, get_peak_flops, print0  # noqa: E402
+from trainer.common import get_peak_flops, init_distributed, print0  # noqa: E402
 from trainer.config import GPTConfig  # noqa: E402
 from trainer.data import RowSchedule, StepLoader  # noqa: E402
 import trainer.model as model_module  # noqa: E402
@@ -357,12 +357,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_train needs a CUDA GPU (run it through the device tool)")
         return 1
-    ddp, rank, local_rank, world = dist_info()
-    device = torch.device("cuda", local_rank)
-    torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group("nccl", device_id=device)
-    torch.backends.cuda.matmul.allow_tf32 = True
+    ddp, rank, _, world, device = init_distributed("cuda")
     settings = parse_settings(args.set)
     if args.flex_opts:
         settings["flex"] = json.loads(args.flex_opts)

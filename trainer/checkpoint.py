@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from pipeline.manifest import write_json_atomic
 from trainer.config import GPTConfig
 
 PHASE_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
@@ -79,14 +80,11 @@ def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict | None, optim_s
         torch.distributed.barrier()
     if rank == 0:
         if meta is not None:
-            tmp = ckpt_dir / f".meta_{step:06d}.json.tmp-{os.getpid()}"
+            path = ckpt_dir / f"meta_{step:06d}.json"
             try:
-                tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-                os.replace(tmp, ckpt_dir / f"meta_{step:06d}.json")
+                write_json_atomic(path, meta, newline=False)
             except OSError as e:
-                tmp.unlink(missing_ok=True)
-                raise CheckpointError(f"cannot write {tmp.parent / f'meta_{step:06d}.json'}: {_first_line(e)}; "
-                                      "the previous checkpoint is kept") from None
+                raise CheckpointError(f"cannot write {path}: {_first_line(e)}; the previous checkpoint is kept") from None
 
 
 def load_meta(ckpt_dir: Path, step: int) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -37,6 +38,22 @@ def dist_info() -> tuple[bool, int, int, int]:
     if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
         return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     return False, 0, 0, 1
+
+
+def init_distributed(device_type: str = "") -> tuple[bool, int, int, int, torch.device]:
+    """(is_ddp, rank, local_rank, world_size, device): the device (autodetected when empty), TF32 matmuls on
+    CUDA, and the process group joined under torchrun (NCCL on CUDA, gloo elsewhere)."""
+    ddp, rank, local_rank, world = dist_info()
+    device_type = device_type or autodetect_device()
+    device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device(device_type)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if ddp and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return ddp, rank, local_rank, world, device
 
 
 def print0(*args, **kwargs) -> None:

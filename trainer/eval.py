@@ -21,7 +21,7 @@ from pipeline.cli import run_cli
 from pipeline.manifest import write_json_atomic
 from trainer.checkpoint import CheckpointError, base_dir
 from trainer.common import print0
-from trainer.evaluate import LOADERS, chatcore
+from trainer.evaluate import LOADERS, chatcore, describe_files
 from trainer.inference import add_checkpoint_args, load_checkpoint
 
 
@@ -45,7 +45,7 @@ def table(res: dict) -> str:
     lines = [f"{'task':<14} {'accuracy':>9} {'problems':>9} {'seconds':>8}  graded on"]
     for name in LOADERS:
         if name in res["files"]:
-            files = ", ".join(f"{f['path']} ({f['rows']:,} rows)" for f in res["files"][name])
+            files = describe_files(res["files"][name])
             lines.append(f"{name:<14} {100 * res[name]:>8.2f}% {res['problems'][name]:>9,} "
                          f"{res['seconds'][name]:>8.1f}  {files}")
         elif name in res["skipped"]:

@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from pipeline.tokenizer import ChatTokenizer, load_tokenizer
 from trainer.checkpoint import (PHASE_DIRS, CheckpointError, base_dir, build_model, find_last_step, find_model_tag,
                                 load_meta, load_model_state)
-from trainer.common import autodetect_device, dist_info, print0
+from trainer.common import init_distributed, print0
 
 
 @dataclass
@@ -42,20 +41,6 @@ def add_checkpoint_args(ap: argparse.ArgumentParser) -> None:
     a("--checkpoint", type=Path, default=None, help="a checkpoint folder, instead of --source/--model-tag")
     a("--tokenizer", type=Path, default=None, help="tokenizer.pkl (default: the one the checkpoint was trained with)")
     a("--device-type", default="", help="cuda|cpu|mps (empty = autodetect)")
-
-
-def init_device(device_type: str = "") -> tuple[int, int, torch.device]:
-    """(rank, world, device); joins the process group under torchrun."""
-    ddp, rank, local_rank, world = dist_info()
-    device_type = device_type or autodetect_device()
-    device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device(device_type)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-    if ddp and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-    return rank, world, device
 
 
 def resolve_tokenizer(meta: dict, explicit: Path | None, data_dir: Path) -> tuple[ChatTokenizer, Path]:
@@ -109,7 +94,7 @@ def inference_copy(model) -> torch.nn.Module:
 
 def load_checkpoint(args) -> Loaded:
     """The model (eval mode) and tokenizer named by the add_checkpoint_args flags."""
-    rank, world, device = init_device(args.device_type)
+    _, rank, _, world, device = init_distributed(args.device_type)
     if args.checkpoint is not None:
         ckpt = Path(args.checkpoint)
     else:

@@ -64,10 +64,15 @@ def has_value_embed(layer: int, n_layer: int) -> bool:
     return layer % 2 == (n_layer - 1) % 2
 
 
+def short_window(seq_len: int) -> int:
+    """The S window: a quarter of the row, rounded up to 128."""
+    return math.ceil(seq_len / 4 / 128) * 128
+
+
 def window_sizes(config: GPTConfig) -> list[int]:
     """Left window per layer: query t sees keys t-left..t. L = sequence_len, S = a quarter rounded up to 128."""
     long = config.sequence_len
-    short = math.ceil(long / 4 / 128) * 128
+    short = short_window(long)
     pattern = config.window_pattern.upper()
     lefts = [long if pattern[i % len(pattern)] == "L" else short for i in range(config.n_layer)]
     lefts[-1] = long

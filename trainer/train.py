@@ -33,7 +33,7 @@ from pipeline.shard_format import SplitReader
 from pipeline.tokenizer import load_tokenizer
 from trainer.checkpoint import (PHASE_DIRS, CheckpointError, base_dir, build_model, find_last_step, find_model_tag,
                                 load_meta, load_model_state, load_optim_state, save_checkpoint)
-from trainer.common import autodetect_device, dist_info, get_peak_flops, print0
+from trainer.common import dist_info, get_peak_flops, init_distributed, print0
 from trainer.config import GPTConfig
 from trainer.data import RowSchedule, StepBatch, StepLoader, val_batches
 from trainer.model import GPT
@@ -101,21 +101,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- setup
-
-def init_distributed(args) -> tuple[bool, int, int, int, torch.device]:
-    ddp, rank, local_rank, world = dist_info()
-    device_type = args.device_type or autodetect_device()
-    if device_type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    else:
-        device = torch.device(device_type)
-    if ddp and not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", device_id=device if device_type == "cuda" else None)
-    return ddp, rank, local_rank, world, device
-
 
 def open_snapshot(args) -> tuple[Path, dict, SplitReader, SplitReader]:
     snapshot = args.snapshot or latest_snapshot(args.data_dir, args.recipe)
@@ -278,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train(args) -> int:
-    ddp, rank, local_rank, world, device = init_distributed(args)
+    ddp, rank, local_rank, world, device = init_distributed(args.device_type)
     master = rank == 0
     torch.manual_seed(42)
     snapshot, manifest, train_rows, val_rows = open_snapshot(args)
