@@ -74,10 +74,6 @@ class HubSplit:
     def folder(self, data_dir: Path) -> Path:
         return hub_dir(data_dir, self.repo, self.subset, self.split)
 
-    @property
-    def relpath(self) -> str:
-        return f"task_data/{self.repo.replace('/', '--')}/{self.subset}/{self.split}"
-
     def __str__(self) -> str:
         return f"{self.repo} {self.subset}/{self.split}"
 
@@ -346,7 +342,7 @@ def _foreign(folder: Path, record: dict[str, Any] | None) -> list[str]:
 def fetch_split(hs: HubSplit, data_dir: Path, hub: Callable[[], Hub], log: Callable[[str], None]) -> str:
     """Bring one split up to date; returns a one-line status. Reads and hashes before it writes anything."""
     folder = hs.folder(data_dir)
-    record_path = fetch_record_path(data_dir, hs.relpath)
+    record_path = fetch_record_path(data_dir, folder.relative_to(data_dir))  # where prepare looks for it
     record = read_record(record_path)
     foreign = _foreign(folder, record)
     if record is None and foreign:
@@ -355,9 +351,10 @@ def fetch_split(hs: HubSplit, data_dir: Path, hub: Callable[[], Hub], log: Calla
                 "download; left as they are")
     note = (f"; also holds {', '.join(foreign)}, not written by fetch and left as is (prepare reads every *.parquet "
             "there)") if foreign else ""
-    new_record = None
+    new_record, checked = None, None
     if record is not None:
         todo = _check(record, folder)
+        checked = (record, todo)  # hashing is the slow part: not twice for a record that did not change
         names = [e["name"] for e in record["files"]]
         if not todo and record.get("complete") and _nanochat_manifest_ok(folder, names):
             total = sum(e["size"] for e in record["files"])
@@ -387,7 +384,10 @@ def fetch_split(hs: HubSplit, data_dir: Path, hub: Callable[[], Hub], log: Calla
                     return f"kept        {folder}: files appeared there that fetch did not write; left as they are"
                 record, wrote_record = new_record, True
                 write_json(record_path, record)  # before any file lands: everything fetch puts there is recorded
-            todo = _check(record, folder)
+            if checked is not None and checked[0] == record:  # this record's own entries: they get updated below
+                todo = [e for e in record["files"] if e["name"] in {t["name"] for t in checked[1]}]
+            else:
+                todo = _check(record, folder)
             names = [e["name"] for e in record["files"]]
             if todo:
                 log(f"fetch: {hs} ({record['export_dir']} at {record['commit'][:12]}) -> {folder}: "

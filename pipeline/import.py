@@ -20,6 +20,7 @@ from pipeline.cli import run_cli
 from pipeline.errors import SnapshotError
 from pipeline.layout import snapshots_dir
 from pipeline.manifest import verify_snapshot
+from pipeline.recipe import is_safe_name
 from pipeline.tempfiles import remove_stale_temps
 
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -77,7 +78,7 @@ def import_snapshot(archive: Path, data_dir: Path) -> Path:
             raise SnapshotError("archive is empty", file=archive)
         manifest = verify_snapshot(tmp, full=True)
         name = f"{manifest['recipe']['name']}-{manifest['snapshot_id']}"
-        if not _NAME.match(name) or name.startswith("."):
+        if not is_safe_name(name):
             raise SnapshotError(f"recipe name {manifest['recipe']['name']!r} is not a safe folder name", file=archive)
         if folder != name:  # the id, not the folder name, says what the snapshot is
             print(f"the archive's folder is {folder!r}, its manifest says {name!r}: importing it as {name}",

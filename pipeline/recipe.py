@@ -46,7 +46,12 @@ OVERLONG_POLICIES = ("truncate", "drop", "nanochat")
 BAD_ROW_POLICIES = ("fail", "skip")
 PACKERS = ("bestfit-seed", "bestfit", "bfd-shuffle", "bfd-blocks")
 TOKENIZER_SOURCES = ("file", "train")
-RECIPE_NAME = re.compile(r"[A-Za-z0-9._-]+")  # a folder name on any system, and what pipeline.import accepts
+RECIPE_NAME = re.compile(r"[A-Za-z0-9._-]+")  # a folder name on any system
+
+
+def is_safe_name(name: str) -> bool:
+    """A recipe (and snapshot folder) name: RECIPE_NAME, not hidden. pipeline.import checks the same."""
+    return bool(RECIPE_NAME.fullmatch(name)) and not name.startswith(".")
 
 
 @dataclass(frozen=True)
@@ -188,7 +193,7 @@ def _task_list(tables: Any, split: str, file: str) -> tuple[TaskSpec, ...]:
 def parse_recipe(data: Mapping[str, Any], file: str = "<recipe>") -> Recipe:
     f = _Fields(data, "", file)
     name = f.get("name", str)
-    if not RECIPE_NAME.fullmatch(name) or name.startswith("."):
+    if not is_safe_name(name):
         raise RecipeError(f"must be letters, digits, '.', '_' or '-' and not start with '.', found {name!r} "
                           "(it names the snapshot folder)", file=file, field="name")
     description = f.get("description", str, "")
