@@ -49,6 +49,7 @@ from pipeline.recipe import Recipe, load_recipe, resolve_recipe_path
 from pipeline.tasks import resolve_params
 from pipeline.tasks.customjson import IDENTITY_URL
 from pipeline.tasks.source import fetch_record_path, hub_dir
+from pipeline.tempfiles import remove_stale_temps, temp_path
 
 PARQUET_REVISION = "refs/convert/parquet"
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -457,9 +458,10 @@ def fetch_url(uf: UrlFile, data_dir: Path, log: Callable[[str], None]) -> str:
     url = uf.source_url()
     log(f"fetch: {url} -> {target}")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".nanosft-tmp")
+    remove_stale_temps(target.parent, f".{target.name}.tmp-*")  # a killed fetch's partial download
+    tmp = temp_path(target)
     try:
-        _download_url(url, tmp)
+        _download_url(url, tmp, uf.name)
         size, sha256, _ = digests(tmp, blob=False)
         write_json(record_path, {"format": RECORD_FORMAT, "url": url, "complete": True,
                                  "files": [{"name": uf.name, "size": size, "sha256": sha256}]})
@@ -469,7 +471,7 @@ def fetch_url(uf: UrlFile, data_dir: Path, log: Callable[[str], None]) -> str:
     return f"fetched     {target}: {_size(size)} from {url}"
 
 
-def _download_url(url: str, dest: Path) -> None:
+def _download_url(url: str, dest: Path, label: str) -> None:
     from tqdm import tqdm
     request = urllib.request.Request(url, headers={"User-Agent": "nanosft-fetch"})
     try:
@@ -477,7 +479,7 @@ def _download_url(url: str, dest: Path) -> None:
             expected = r.headers.get("Content-Length")
             expected = int(expected) if expected and expected.isdigit() else None
             got = 0
-            with tqdm(total=expected, unit="B", unit_scale=True, desc=dest.name.removesuffix(".nanosft-tmp"),
+            with tqdm(total=expected, unit="B", unit_scale=True, desc=label,
                       leave=False) as bar:
                 for chunk in iter(lambda: r.read(1 << 20), b""):
                     f.write(chunk)

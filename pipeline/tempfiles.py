@@ -6,11 +6,33 @@ other's work (a pid in use by an unrelated process just keeps its temp until a l
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 from pipeline.layout import is_stale_temp
 
+
+def temp_path(path: Path) -> Path:
+    """The temporary name this process writes `path` under: `.<name>.tmp-<pid>` beside it."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Temp name + fsync + rename: a reader (or a killed writer) never leaves half a file. Removes the temps
+    of this path that dead writers left."""
+    path = Path(path)
+    remove_stale_temps(path.parent, f".{path.name}.tmp-*")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def remove_stale_temps(folder: Path, pattern: str = ".*.tmp-*") -> list[Path]:

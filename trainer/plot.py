@@ -1,12 +1,13 @@
 """A loss-curve PNG without a plotting library: numpy rasterises, zlib compresses."""
 from __future__ import annotations
 
-import os
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.tempfiles import write_bytes_atomic
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -45,10 +46,4 @@ def plot_losses(points: list[tuple[int, float]], path: Path, width: int = 640, h
                 px = np.linspace(xs[i], xs[i + 1], n).round().astype(int)
                 py = np.linspace(ys[i], ys[i + 1], n).round().astype(int)
                 img[np.clip(py, 0, height - 1), np.clip(px, 0, width - 1)] = color
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(_png(img))
-        os.replace(tmp, path)  # a reader (or a killed run) never leaves half a PNG
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes_atomic(Path(path), _png(img))
