@@ -7,7 +7,6 @@ FILE is never replaced (choose another name, or remove it first).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tarfile
 from pathlib import Path
@@ -17,6 +16,7 @@ import zstandard
 from pipeline.cli import run_cli
 from pipeline.errors import SnapshotError
 from pipeline.manifest import snapshot_files, verify_snapshot
+from pipeline.tempfiles import link_into_place, temp_path
 
 
 def export_snapshot(snapshot: Path, archive: Path, level: int = 10) -> Path:
@@ -27,7 +27,7 @@ def export_snapshot(snapshot: Path, archive: Path, level: int = 10) -> Path:
         raise SnapshotError(f"folder {archive.parent} does not exist; create it first", file=archive)
     if archive.exists() or archive.is_symlink():
         raise SnapshotError("exists; export never replaces a file: remove it or choose another name", file=archive)
-    tmp = archive.with_name(f".{archive.name}.tmp-{os.getpid()}")
+    tmp = temp_path(archive)
     try:
         with open(tmp, "wb") as raw:
             cctx = zstandard.ZstdCompressor(level=level, threads=-1)
@@ -41,11 +41,9 @@ def export_snapshot(snapshot: Path, archive: Path, level: int = 10) -> Path:
                     with open(snapshot / name, "rb") as f:
                         tar.addfile(info, f)
         try:
-            os.link(tmp, archive)  # fails if a file appeared there meanwhile: still never replaces one
+            link_into_place(tmp, archive)  # a file that appeared there meanwhile is still never replaced
         except FileExistsError:
             raise SnapshotError("appeared while exporting; not replaced", file=archive) from None
-        except OSError:  # a filesystem without hard links
-            os.replace(tmp, archive)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -49,7 +49,7 @@ from pipeline.recipe import Recipe, load_recipe, resolve_recipe_path
 from pipeline.tasks import resolve_params
 from pipeline.tasks.customjson import IDENTITY_URL
 from pipeline.tasks.source import fetch_record_path, hub_dir
-from pipeline.tempfiles import remove_stale_temps, temp_path
+from pipeline.tempfiles import link_into_place, remove_stale_temps, temp_path
 
 PARQUET_REVISION = "refs/convert/parquet"
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -192,14 +192,9 @@ def write_json(path: Path, obj: Any, indent: int | None = 1) -> None:
 def place(src: Path, dst: Path) -> None:
     """Move a finished download to its final name, never over an existing file."""
     try:
-        os.link(src, dst)  # fails if dst exists: no window in which someone else's file is replaced
-        src.unlink()
+        link_into_place(src, dst)
     except FileExistsError:
         raise FetchError("appeared while fetch was downloading it; left as it is", file=dst) from None
-    except OSError:  # a file system without hard links
-        if dst.exists():
-            raise FetchError("appeared while fetch was downloading it; left as it is", file=dst) from None
-        os.replace(src, dst)
 
 
 def _size(n: int) -> str:

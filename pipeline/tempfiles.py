@@ -35,6 +35,22 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def link_into_place(src: Path, dst: Path) -> None:
+    """Rename a finished temp to its final name, never over an existing file: a hard link fails if `dst`
+    exists (no window in which another file is replaced); without hard links, check, then rename.
+    Raises FileExistsError when `dst` is there."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links
+        if Path(dst).exists():
+            raise FileExistsError(dst) from None
+        os.replace(src, dst)
+        return
+    Path(src).unlink()
+
+
 def remove_stale_temps(folder: Path, pattern: str = ".*.tmp-*") -> list[Path]:
     """Delete temps in `folder` matching `pattern` whose owning process is dead; returns what was removed."""
     removed = []

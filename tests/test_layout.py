@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -169,3 +170,19 @@ def test_the_trainer_says_which_base_dir_it_uses_and_why(tmp_path, monkeypatch):
     assert describe_base_dir(SimpleNamespace(data_dir=nc, data_dir_given=False)).startswith(
         f"base dir {nc} (NANOCHAT_BASE_DIR)")
     assert "the same folder as --data-dir" in describe_base_dir(SimpleNamespace(data_dir=nc, data_dir_given=True))
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_link_into_place_never_replaces_a_file(tmp_path, monkeypatch, hard_links):
+    """fetch and export publish through it: a finished temp takes a free name, and an existing file stays."""
+    from pipeline.tempfiles import link_into_place
+    if not hard_links:  # a file system without them (os.link raises PermissionError there)
+        monkeypatch.setattr(os, "link", lambda src, dst: (_ for _ in ()).throw(PermissionError(1, "no links")))
+    src, dst = tmp_path / ".a.tmp-1", tmp_path / "a"
+    src.write_bytes(b"new")
+    link_into_place(src, dst)
+    assert dst.read_bytes() == b"new" and not src.exists()
+    src.write_bytes(b"newer")
+    with pytest.raises(FileExistsError):
+        link_into_place(src, dst)
+    assert dst.read_bytes() == b"new" and src.read_bytes() == b"newer"
