@@ -355,6 +355,16 @@ def _gather_records(local: list[dict], records: list | None) -> None:
     records.extend(sorted(local, key=lambda r: r["index"]))
 
 
+def _my_problems(task, tok, max_problems: int | None, rank: int, world: int, context: int | None = None):
+    """This rank's problems (r, r+W, ...): conversations and prompt ids by index (prompts cut to their last
+    `context` tokens when given), and the indices longest prompt first, so that a batch too big fails at once."""
+    mine = list(range(rank, _num_problems(task, max_problems), world))
+    conversations = {i: task[i] for i in mine}
+    prompts = {i: render_for_completion(conversations[i], tok)[-context if context else None:] for i in mine}
+    order = sorted(mine, key=lambda i: (-len(prompts[i]), i))
+    return conversations, prompts, order
+
+
 @torch.no_grad()
 def run_categorical(model, tok, task, batch_size: int = 8, max_problems: int | None = None,
                     records: list | None = None) -> float:
@@ -367,11 +377,8 @@ def run_categorical(model, tok, task, batch_size: int = 8, max_problems: int | N
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rank, world = _dist()
     device = _device(model)
-    context = int(model.config.sequence_len)
-    mine = list(range(rank, _num_problems(task, max_problems), world))
-    conversations = {i: task[i] for i in mine}
-    prompts = {i: render_for_completion(conversations[i], tok)[-context:] for i in mine}
-    order = sorted(mine, key=lambda i: (-len(prompts[i]), i))  # longest first: a batch too big fails at once
+    conversations, prompts, order = _my_problems(task, tok, max_problems, rank, world,
+                                                 context=int(model.config.sequence_len))
     letter_ids: dict[str, int] = {}
     passed = total = 0
     local: list[dict] = []
@@ -416,10 +423,7 @@ def run_generative(model, tok, task, max_problems: int | None = None, max_tokens
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     rank, world = _dist()
     engine = Engine(model, tok)
-    mine = list(range(rank, _num_problems(task, max_problems), world))
-    conversations = {i: task[i] for i in mine}
-    prompts = {i: render_for_completion(conversations[i], tok) for i in mine}
-    order = sorted(mine, key=lambda i: (-len(prompts[i]), i))  # longest first: a batch too big fails at once
+    conversations, prompts, order = _my_problems(task, tok, max_problems, rank, world)
     passed = total = 0
     local: list[dict] = []
     for start in range(0, len(order), batch_size):
