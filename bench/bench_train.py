@@ -1,7 +1,7 @@
 """Trainer throughput on one GPU or several: snapshot loader vs a batch kept on the GPU, tok/s, MFU, peak memory.
 
     python bench/bench_train.py [--configs d12,d12-moe,d20,d20-moe] [--batch 32] [--steps 20] [--profile]
-        [--total-batch 524288] [--set key=JSON,...] [--variants JSON] [--top N]
+        [--total-batch 524288] [--set key=JSON,...] [--variants JSON] [--inductor key=JSON,...] [--top N]
     python bench/bench_train.py --configs d20 --total-batch 524288 --scaling 2   # 1 GPU, then torchrun on 2
 
 Rows come from a synthetic snapshot written through pipeline.shard_format (random ids in the
@@ -311,11 +311,20 @@ def ab_config(name: str, reader: SplitReader, args, device) -> list[dict]:
 
 
 def parse_settings(text: str) -> dict:
-    """--set causal_sdpa="cudnn",flex=null -> {"causal_sdpa": "cudnn", "flex": None} (values are JSON)."""
-    out = {}
-    for item in filter(None, text.split(",")):
-        key, value = item.split("=", 1)
-        out[key] = json.loads(value)
+    """'causal_sdpa="cudnn",flex={"USE_TMA":true}' -> {"causal_sdpa": "cudnn", "flex": {"USE_TMA": True}}:
+    key=JSON pairs separated by commas; a value may hold commas of its own (it is decoded as JSON first)."""
+    out, decoder, pos = {}, json.JSONDecoder(), 0
+    while pos < len(text):
+        eq = text.find("=", pos)
+        if eq < 0:
+            raise SystemExit(f"expected key=JSON at {text[pos:]!r}")
+        try:
+            out[text[pos:eq]], end = decoder.raw_decode(text, eq + 1)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{text[pos:eq]}: not a JSON value ({e})") from None
+        if end < len(text) and text[end] != ",":
+            raise SystemExit(f"expected ',' after {text[pos:end]!r}")
+        pos = end + 1
     return out
 
 
@@ -346,8 +355,7 @@ def main() -> int:
                     help="GPU time split matmul/attention/other (3 steps), and the optimizer step's own")
     ap.add_argument("--top", type=int, default=0, help="with --profile: list the N kernels with most time")
     ap.add_argument("--set", default="", help=f"training-path settings key=JSON,... (keys: {', '.join(SETTINGS)})")
-    ap.add_argument("--flex-opts", default=None, help="JSON kernel_options for FlexAttention (= --set flex=JSON)")
-    ap.add_argument("--inductor", default="", help="comma list of torch._inductor.config key=value to try")
+    ap.add_argument("--inductor", default="", help="torch._inductor.config settings key=JSON,... to try")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--variants", default=None,
                     help="JSON list of settings dicts ({} = trainer.model's defaults): whole-step A/B in one process")
@@ -359,12 +367,9 @@ def main() -> int:
         return 1
     ddp, rank, _, world, device = init_distributed("cuda")
     settings = parse_settings(args.set)
-    if args.flex_opts:
-        settings["flex"] = json.loads(args.flex_opts)
     apply_settings(settings)
-    for item in filter(None, args.inductor.split(",")):
-        key, value = item.split("=", 1)
-        setattr(torch._inductor.config, key, json.loads(value))
+    for key, value in parse_settings(args.inductor).items():
+        setattr(torch._inductor.config, key, value)
     print0(f"# settings {json.dumps(current_settings())}, inductor {args.inductor or 'defaults'}")
     print0(f"# {torch.cuda.get_device_name(device)} x {world}, torch {torch.__version__}")
     results = []

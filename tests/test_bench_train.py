@@ -40,6 +40,10 @@ def test_settings_switch_and_reset(bench, monkeypatch):
     monkeypatch.setattr(moe_module, "MOE_PERMUTE", moe_module.MOE_PERMUTE)
     assert bench.parse_settings('causal_sdpa="cudnn",moe_permute="scatter",flex=null') == \
         {"causal_sdpa": "cudnn", "moe_permute": "scatter", "flex": None}
+    assert bench.parse_settings('flex={"USE_TMA":true,"BLOCK_M":64},causal_sdpa=null') == \
+        {"flex": {"USE_TMA": True, "BLOCK_M": 64}, "causal_sdpa": None}  # a value's own commas
+    with pytest.raises(SystemExit, match="flex: not a JSON value"):
+        bench.parse_settings("flex=tma")
     bench.apply_settings({"causal_sdpa": None, "moe_permute": "scatter"})
     assert model_module.CAUSAL_SDPA_BACKEND is None and moe_module.MOE_PERMUTE == "scatter"
     bench.apply_settings({})  # a variant without a key gets the module's default back
