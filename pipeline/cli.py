@@ -32,9 +32,15 @@ _OS_HINTS = {
 }
 
 
+def first_line(message, empty: str) -> str:
+    """The first line of a message (the convention is one line), or `empty` when it has none."""
+    text = str(message).strip()
+    return text.splitlines()[0] if text else empty
+
+
 def error(message: str, out=None) -> int:
-    """Print `error: message` (first line only: the convention is one line) and return exit code 2."""
-    first = str(message).strip().splitlines()[0] if str(message).strip() else "failed"
+    """Print `error: message` (first line only) and return exit code 2."""
+    first = first_line(message, "failed")
     print(f"error: {first}", file=out or sys.stderr)
     return EXIT_ERROR
 
@@ -51,13 +57,13 @@ def with_path(e: OSError, path) -> OSError:
     """The same fault as an OSError that names `path` (for writers whose errors do not)."""
     if e.filename is not None:
         return e
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = first_line(e, type(e).__name__)
     return OSError(_errno_of(e) or 0, text, str(path))
 
 
 def describe_os_error(e: OSError) -> str:
     """One line for an OSError: the file it concerns, what happened, what to do; nothing was published."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = first_line(e, type(e).__name__)
     hint = _OS_HINTS.get(_errno_of(e) or -1)
     if e.filename is not None:
         return f"{e.filename}: {hint or e.strerror or text}; nothing was published"

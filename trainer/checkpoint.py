@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from pipeline.cli import first_line
 from pipeline.manifest import write_json_atomic
 from trainer.config import GPTConfig
 
@@ -49,11 +50,6 @@ def find_last_step(ckpt_dir: Path, complete: bool = False) -> int:
     return max(steps)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -61,7 +57,7 @@ def _atomic_save(obj: Any, path: Path) -> None:
             torch.save(obj, tmp)
             os.replace(tmp, path)
         except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError [enforce fail ...]
-            raise CheckpointError(f"cannot write {path}: {_first_line(e)} (is the disk full or the folder "
+            raise CheckpointError(f"cannot write {path}: {first_line(e, type(e).__name__)} (is the disk full or the folder "
                                   "read-only?); the previous checkpoint is kept") from None
     finally:  # a failed write (disk full, interrupt) leaves neither a partial file nor a stray temp
         tmp.unlink(missing_ok=True)
@@ -84,7 +80,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict | None, optim_s
             try:
                 write_json_atomic(path, meta, newline=False)
             except OSError as e:
-                raise CheckpointError(f"cannot write {path}: {_first_line(e)}; the previous checkpoint is kept") from None
+                raise CheckpointError(f"cannot write {path}: {first_line(e, type(e).__name__)}; the previous checkpoint is kept") from None
 
 
 def load_meta(ckpt_dir: Path, step: int) -> dict:
@@ -109,7 +105,7 @@ def _torch_load(path: Path, device) -> Any:
         raise CheckpointError(f"cannot load {path}: it holds objects other than tensors (a pickle that could run "
                               "code), refused; use a checkpoint written by nanochat or nanosft") from None
     except Exception as e:  # RuntimeError (zip), EOFError, ...: an unusable file
-        raise CheckpointError(f"cannot load {path}: {_first_line(e)} (truncated or damaged; delete this step's "
+        raise CheckpointError(f"cannot load {path}: {first_line(e, type(e).__name__)} (truncated or damaged; delete this step's "
                               "files to fall back to the previous checkpoint)") from None
 
 
