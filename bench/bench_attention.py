@@ -4,11 +4,12 @@
 
 Times forward+backward of the compiled flex_attention for nanochat's two window sizes (short S = a
 quarter of the row, long L = the row) under each candidate `kernel_options`, and, for the long window
-(plain causal attention), SDPA's causal kernels ("sdpa:cudnn", "sdpa:flash", "sdpa:efficient"), the
+(plain causal attention), SDPA's causal kernels ("sdpa:cudnn", "sdpa:flash", "sdpa:efficient"), and for
+both windows "cudnn:band" (cuDNN's diagonal band through the frontend, trainer.cudnn_window); the
 candidates interleaved round by round so that clock drift hits them alike; prints the median per
 candidate and window, its ratio to the inductor defaults, and each candidate's largest difference from
 the defaults in the output and the gradients. Winners go into trainer.model (FLEX_KERNEL_OPTIONS,
-CAUSAL_SDPA_BACKEND).
+CAUSAL_SDPA_BACKEND, WINDOW_BACKEND).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trainer import cudnn_window  # noqa: E402
 from trainer.model import _window_mod, short_window  # noqa: E402
 
 CANDIDATES = {
@@ -40,6 +42,7 @@ CANDIDATES = {
 }
 SDPA = {"sdpa:cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa:flash": SDPBackend.FLASH_ATTENTION,
         "sdpa:efficient": SDPBackend.EFFICIENT_ATTENTION}  # causal only: the long window
+BAND = "cudnn:band"  # any window
 
 
 def main() -> int:
@@ -50,7 +53,7 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--candidates", default=",".join([*CANDIDATES, *SDPA]))
+    ap.add_argument("--candidates", default=",".join([*CANDIDATES, *SDPA, BAND]))
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -68,7 +71,9 @@ def main() -> int:
     ref = {left: None for left in masks}
 
     def run(name, left):
-        if name in SDPA:
+        if name == BAND:
+            out = cudnn_window.band_attention(q, k, v, left)
+        elif name in SDPA:
             with sdpa_kernel([SDPA[name]]):
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -80,6 +85,9 @@ def main() -> int:
         return [T] if name in SDPA else list(masks)
 
     failed = set()
+    if BAND in names and not cudnn_window.available():
+        print(f"{BAND}: the cuDNN frontend is not available ({cudnn_window.load_error()})")
+        failed.add(BAND)
     for name in names:  # compile every candidate, check it against the defaults
         for left in windows(name):
             try:

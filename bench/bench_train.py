@@ -50,7 +50,7 @@ CONFIGS = {  # name: (depth, experts) with nanochat's sizing: C = depth·64 roun
 }
 # --set / --variants key: the module-level training-path choice it sets
 SETTINGS = {"flex": (model_module, "FLEX_KERNEL_OPTIONS"), "causal_sdpa": (model_module, "CAUSAL_SDPA_BACKEND"),
-            "moe_permute": (moe_module, "MOE_PERMUTE")}
+            "window": (model_module, "WINDOW_BACKEND"), "moe_permute": (moe_module, "MOE_PERMUTE")}
 DEFAULTS = {key: getattr(mod, attr) for key, (mod, attr) in SETTINGS.items()}
 
 
@@ -215,10 +215,10 @@ def bench_config(name: str, reader: SplitReader, args, device, rank: int = 0, wo
     compile_s = time.time() - t0
     require_finite(resident_step(), name)
     # interleave the two modes in blocks so clock drift hits both alike
-    a, b = [], []
+    a, b, block = [], [], max(1, args.steps // 2)  # two blocks per mode, at least one step each
     for _ in range(2):
-        a += time_steps(loader_step, args.steps // 2)
-        b += time_steps(resident_step, args.steps // 2)
+        a += time_steps(loader_step, block)
+        b += time_steps(resident_step, block)
     loader.close()
     dt_loader, dt_res = statistics.median(a), statistics.median(b)
     ms_fb, ms_opt = time_phases(lambda: forward_backward(step_model, resident, accum, world, "token"),
@@ -269,6 +269,8 @@ def ab_config(name: str, reader: SplitReader, args, device) -> list[dict]:
     runs, first_loss, first_norm = [], None, None
     for settings in variants:
         apply_settings(settings)
+        base = torch.cuda.memory_allocated(device)  # the variants before this one stay resident
+        torch.cuda.reset_peak_memory_stats(device)
         model = build(depth, experts, T, reader.meta.vocab_size, device)
         opt = MuonAdamW(model.setup_optimizer())
         step_model = torch.compile(model, dynamic=False)
@@ -290,23 +292,24 @@ def ab_config(name: str, reader: SplitReader, args, device) -> list[dict]:
         if first_loss is None:
             first_loss, first_norm = loss, grad_norm.item()
         time_steps(step, args.warmup)
+        peak_gib = (torch.cuda.max_memory_allocated(device) - base) / 2**30  # its model, states and activations
         print(f"compiled {name} {settings} in {time.time() - t0:.0f} s: first loss {loss:.6f}, grad norm "
               f"{grad_norm.item():.6g} (vs first variant {loss / first_loss - 1:+.2e}, "
-              f"{grad_norm.item() / first_norm - 1:+.2e})", flush=True)
-        runs.append((settings, step, [], loss))
+              f"{grad_norm.item() / first_norm - 1:+.2e}), peak {peak_gib:.1f} GiB", flush=True)
+        runs.append((settings, step, [], loss, peak_gib))
     peak = get_peak_flops(torch.cuda.get_device_name(device))
     for _ in range(args.rounds):
-        for settings, step, times, _ in runs:
+        for settings, step, times, *_ in runs:
             apply_settings(settings)
             times += time_steps(step, args.steps)
     out = []
-    for settings, _, times, loss in runs:
+    for settings, _, times, loss, peak_gib in runs:
         ms = 1e3 * statistics.median(times)
         out.append({"config": name, "settings": settings, "accum": accum, "ms": ms, "ms_per_micro": ms / accum,
-                    "mfu": 100 * flops * B * T * accum / (ms / 1e3) / peak, "first_loss": loss,
+                    "mfu": 100 * flops * B * T * accum / (ms / 1e3) / peak, "first_loss": loss, "peak_gib": peak_gib,
                     "spread": (max(times) - min(times)) / statistics.median(times)})
         print(f"A/B {name} {json.dumps(settings)}: {ms:.1f} ms/step ({ms / accum:.1f} per micro-batch), "
-              f"MFU {out[-1]['mfu']:.1f} %, spread {out[-1]['spread']:.3f}", flush=True)
+              f"MFU {out[-1]['mfu']:.1f} %, spread {out[-1]['spread']:.3f}, peak {peak_gib:.1f} GiB", flush=True)
     return out
 
 

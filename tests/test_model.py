@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from trainer.common import compute_dtype, dist_info, get_peak_flops
 from trainer.config import GPTConfig
 import trainer.model as model_module
-from trainer.model import GPT, attend, block_masks, window_sizes
+from trainer.model import GPT, attend, attention_mask, block_masks, window_sizes
 
 TINY = dict(sequence_len=64, vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64)
 
@@ -415,7 +415,67 @@ def test_causal_sdpa_backend_choice(monkeypatch):
         causal_sdpa_backend(cpu, torch.bfloat16)
 
 
-PLAIN_PATH = {"CAUSAL_SDPA_BACKEND": None, "FLEX_KERNEL_OPTIONS": None}
+def test_window_band_choice(monkeypatch):
+    """"auto" takes cuDNN's band only on CUDA in 16 bits; an explicit "cudnn" without the frontend says what is
+    missing; a misspelt choice is refused."""
+    from trainer import cudnn_window
+    from trainer.model import window_band
+    cpu = torch.device("cpu")
+    for choice in ("auto", "cudnn", None):
+        monkeypatch.setattr(model_module, "WINDOW_BACKEND", choice)
+        assert window_band(cpu, torch.bfloat16) is False
+    monkeypatch.setattr(cudnn_window, "load_error", lambda: "ModuleNotFoundError: No module named 'cudnn'")
+    monkeypatch.setattr(model_module, "WINDOW_BACKEND", "cudnn")
+    with pytest.raises(RuntimeError, match=r"pip install '\.\[cuda\]'.*No module named 'cudnn'"):
+        window_band(torch.device("cuda"), torch.bfloat16)
+    assert window_band(torch.device("cuda"), torch.float32) is False
+    monkeypatch.setattr(model_module, "WINDOW_BACKEND", "auto")
+    assert window_band(torch.device("cuda"), torch.bfloat16) is False  # no frontend: flex, no error
+    monkeypatch.setattr(model_module, "WINDOW_BACKEND", "band")
+    with pytest.raises(ValueError, match="WINDOW_BACKEND='band'"):
+        window_band(cpu, torch.bfloat16)
+
+
+def test_block_masks_plan_a_cudnn_band_for_short_windows_only(monkeypatch):
+    """With the band on: short windows of plain rows get a CudnnBand, the full window keeps its causal plan,
+    and document ids or GQA fall back to flex block masks (the band has no document mask)."""
+    monkeypatch.setattr(model_module, "_compiled", lambda fn: fn)
+    monkeypatch.setattr(model_module, "_BLOCK_MASKS", {})
+    monkeypatch.setattr(model_module, "window_band", lambda device, dtype: True)
+    monkeypatch.setattr(model_module, "CAUSAL_SDPA_BACKEND", None)
+    cpu = torch.device("cpu")
+    masks = block_masks(256, {64, 255}, None, cpu)
+    assert masks[64] == model_module.CudnnBand(64) and not isinstance(masks[255], model_module.CudnnBand)
+    docs = torch.zeros(1, 256, dtype=torch.long)
+    assert not any(isinstance(m, model_module.CudnnBand) for m in block_masks(256, {64}, docs, cpu).values())
+    assert not isinstance(block_masks(256, {64}, None, cpu, gqa=True)[64], model_module.CudnnBand)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("left", [5, 130])
+def test_cudnn_band_attention_matches_the_window_mask_on_cuda(left):
+    """The band's bound is off by one from the model's `left` (cuDNN counts keys): a 5-key window makes an
+    off-by-one plain. Output and gradients against fp32 SDPA with the model's explicit mask, at bf16 noise."""
+    from trainer import cudnn_window
+    if not cudnn_window.available():
+        pytest.skip(f"no cuDNN frontend: {cudnn_window.load_error()}")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 256, 128, device="cuda", generator=g) for _ in range(3))
+    grad = torch.randn(2, 4, 256, 128, device="cuda", generator=g)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v)]
+        if dtype == torch.float32:
+            out = F.scaled_dot_product_attention(*leaves, attn_mask=attention_mask(256, left, device="cuda"))
+        else:
+            out = cudnn_window.band_attention(*leaves, left)
+        out.backward(grad.to(dtype))
+        results.append([out.float(), *(t.grad.float() for t in leaves)])
+    for name, ref, got in zip(("out", "dq", "dk", "dv"), *results):
+        assert ((got - ref).norm() / ref.norm()).item() < 2e-2, name
+
+
+PLAIN_PATH = {"CAUSAL_SDPA_BACKEND": None, "FLEX_KERNEL_OPTIONS": None, "WINDOW_BACKEND": None}
 
 
 def _loss_and_grads(model: GPT, idx, targets, settings: dict, monkeypatch):
@@ -429,10 +489,14 @@ def _loss_and_grads(model: GPT, idx, targets, settings: dict, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("settings", [{"CAUSAL_SDPA_BACKEND": "auto"}, {"CAUSAL_SDPA_BACKEND": "cudnn"},
-                                      {"CAUSAL_SDPA_BACKEND": "flash"}])
+                                      {"CAUSAL_SDPA_BACKEND": "flash"}, {"WINDOW_BACKEND": "cudnn"},
+                                      {"CAUSAL_SDPA_BACKEND": "auto", "WINDOW_BACKEND": "auto"}])
 def test_training_kernel_choices_match_the_plain_path_on_cuda(monkeypatch, settings):
     """Each faster training-path choice computes the plain path's loss and gradients: in bf16 it is no
     further from an fp32 run of the plain path than the plain bf16 path is (two bf16 runs differ by noise)."""
+    from trainer import cudnn_window
+    if settings.get("WINDOW_BACKEND") == "cudnn" and not cudnn_window.available():
+        pytest.skip(f"no cuDNN frontend: {cudnn_window.load_error()}")
     kw = dict(sequence_len=1024, vocab_size=512, n_layer=4, n_head=2, n_kv_head=2, n_embd=256)
     models = {}
     for dtype in ("float32", "bfloat16"):

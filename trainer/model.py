@@ -2,7 +2,8 @@
 rotary (-theta convention, base 1e5) before QK norm x1.2, sliding-window attention, value embeddings
 with gates, smear, x0/residual lambdas, backout, softcapped logits over a vocab padded to 64.
 Attention: FlexAttention on CUDA while training (windows and packed-document masks as block masks),
-SDPA elsewhere (explicit boolean mask). Optionally, `doc_ids` (B, T) keeps packed documents apart."""
+with cuDNN's causal kernel (full windows) and diagonal band (short windows) taking over on Hopper where they
+apply, SDPA elsewhere (explicit boolean mask). Optionally, `doc_ids` (B, T) keeps packed documents apart."""
 from __future__ import annotations
 
 import functools
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from trainer import cudnn_window
 from trainer.common import Linear, compute_dtype
 from trainer.config import GPTConfig
 from trainer.moe import MoE, update_expert_biases
@@ -33,6 +35,10 @@ FLEX_KERNEL_OPTIONS: dict | None = None
 # a d20 step; flex elsewhere (unmeasured). None: flex for every layer.
 CAUSAL_SDPA_BACKEND: str | None = "auto"
 _SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+# A short window, in rows without document ids and without GQA: "cudnn" runs it as cuDNN's diagonal band
+# (trainer.cudnn_window, the optional [cuda] extra) instead of flex. "auto": cudnn on Hopper where the frontend
+# loads, flex elsewhere. None: flex.
+WINDOW_BACKEND: str | None = "auto"
 # Evaluation and decoding on CUDA: not cuDNN, which builds a new plan for every new key length (at every
 # decode step, in every layer; at every batch width in a categorical eval). Flash takes the unmasked calls,
 # memory-efficient attention the masked ones.
@@ -53,6 +59,27 @@ def causal_sdpa_backend(device: torch.device, dtype: torch.dtype) -> SDPBackend 
     if choice not in _SDPA_BACKENDS:
         raise ValueError(f"CAUSAL_SDPA_BACKEND={choice!r}: expected one of {sorted(_SDPA_BACKENDS)}, 'auto' or None")
     return _SDPA_BACKENDS[choice]
+
+
+def window_band(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether short-window training layers run as cuDNN's band (WINDOW_BACKEND resolved for the device)."""
+    choice = WINDOW_BACKEND
+    if choice not in ("auto", "cudnn", None):
+        raise ValueError(f"WINDOW_BACKEND={choice!r}: expected 'cudnn', 'auto' or None")
+    if choice is None or dtype not in (torch.bfloat16, torch.float16) or device.type != "cuda":
+        return False
+    if choice == "auto":
+        return cudnn_window.available() and torch.cuda.get_device_capability(device) == (9, 0)
+    if not cudnn_window.available():
+        raise RuntimeError(f"WINDOW_BACKEND='cudnn' needs the cuDNN frontend (pip install '.[cuda]'): "
+                           f"{cudnn_window.load_error()}")
+    return True
+
+
+@dataclass(frozen=True)
+class CudnnBand:
+    """block_masks' plan for a short window that cuDNN runs as a diagonal band: no block mask needed."""
+    left: int
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -125,15 +152,19 @@ def _window_doc_mod(left: int, doc_ids):
 @torch.compiler.disable
 def block_masks(T: int, lefts: set[int], doc_ids, device, gqa: bool = False, dtype=torch.float32) -> dict:
     """FlexAttention block mask per window; cached per (T, left, device) when there are no document ids.
-    A full window without document ids or GQA gets the SDPA backend that runs it instead, where there is
-    one (causal_sdpa_backend). Compile-disabled: one clean graph break at the top of the forward instead of
+    A window without document ids or GQA gets the kernel that runs it without a block mask, where there is
+    one: full, the SDPA backend (causal_sdpa_backend); short, CudnnBand (window_band). Compile-disabled: one clean graph break at the top of the forward instead of
     tracing mask building."""
     make = _compiled(create_block_mask)
     masks = {}
-    causal = causal_sdpa_backend(torch.device(device), dtype) if doc_ids is None and not gqa else None
+    plain = doc_ids is None and not gqa
+    causal = causal_sdpa_backend(torch.device(device), dtype) if plain else None
+    band = plain and window_band(torch.device(device), dtype)
     for left in lefts:
         if causal is not None and left >= T - 1:
             masks[left] = causal
+        elif band and left < T - 1:
+            masks[left] = CudnnBand(left)
         elif doc_ids is None:
             key = (T, left, str(device))
             if key not in _BLOCK_MASKS:
@@ -146,11 +177,14 @@ def block_masks(T: int, lefts: set[int], doc_ids, device, gqa: bool = False, dty
 
 def attend(q, k, v, left: int, doc_ids=None, mask=None):
     """q (B, Hq, T, D), k/v (B, Hkv, T, D); GQA shares each kv head among Hq/Hkv query heads. `mask`: a
-    flex BlockMask, or the SDPA backend of a full causal window (block_masks), or None (SDPA, explicit mask)."""
+    flex BlockMask, or the SDPA backend of a full causal window, or a CudnnBand (block_masks), or None (SDPA,
+    explicit mask)."""
     T, gqa = q.size(2), q.size(1) != k.size(1)
     if isinstance(mask, SDPBackend):  # a full-window layer: the causal kernel block_masks chose
         with sdpa_kernel([mask]):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if isinstance(mask, CudnnBand):
+        return cudnn_window.band_attention(q, k, v, mask.left)
     if mask is not None:
         flex = flex_attention if torch.compiler.is_compiling() else _compiled(flex_attention)
         return flex(q, k, v, block_mask=mask, enable_gqa=True, kernel_options=FLEX_KERNEL_OPTIONS)
