@@ -45,6 +45,11 @@ WINDOW_BACKEND: str | None = "auto"
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def _hopper(device: torch.device) -> bool:
+    """SM 9.0, where the "auto" kernel choices were measured."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
 def causal_sdpa_backend(device: torch.device, dtype: torch.dtype) -> SDPBackend | None:
     """The SDPA backend for full-window training layers (CAUSAL_SDPA_BACKEND resolved for the device), or None
     (flex). fp32 always stays on flex: the fused causal kernels are 16-bit only."""
@@ -52,8 +57,7 @@ def causal_sdpa_backend(device: torch.device, dtype: torch.dtype) -> SDPBackend 
     if dtype not in (torch.bfloat16, torch.float16):
         return None
     if choice == "auto":
-        hopper = device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
-        choice = "cudnn" if hopper and torch.backends.cudnn.is_available() else None
+        choice = "cudnn" if _hopper(device) and torch.backends.cudnn.is_available() else None
     if choice is None:
         return None
     if choice not in _SDPA_BACKENDS:
@@ -69,7 +73,7 @@ def window_band(device: torch.device, dtype: torch.dtype) -> bool:
     if choice is None or dtype not in (torch.bfloat16, torch.float16) or device.type != "cuda":
         return False
     if choice == "auto":
-        return cudnn_window.available() and torch.cuda.get_device_capability(device) == (9, 0)
+        return cudnn_window.available() and _hopper(device)
     if not cudnn_window.available():
         raise RuntimeError(f"WINDOW_BACKEND='cudnn' needs the cuDNN frontend (pip install '.[cuda]'): "
                            f"{cudnn_window.load_error()}")
@@ -153,8 +157,8 @@ def _window_doc_mod(left: int, doc_ids):
 def block_masks(T: int, lefts: set[int], doc_ids, device, gqa: bool = False, dtype=torch.float32) -> dict:
     """FlexAttention block mask per window; cached per (T, left, device) when there are no document ids.
     A window without document ids or GQA gets the kernel that runs it without a block mask, where there is
-    one: full, the SDPA backend (causal_sdpa_backend); short, CudnnBand (window_band). Compile-disabled: one clean graph break at the top of the forward instead of
-    tracing mask building."""
+    one: full, the SDPA backend (causal_sdpa_backend); short, CudnnBand (window_band). Compile-disabled: one
+    clean graph break at the top of the forward instead of tracing mask building."""
     make = _compiled(create_block_mask)
     masks = {}
     plain = doc_ids is None and not gqa

@@ -140,14 +140,17 @@ class MoE(nn.Module):
         gates, experts, counts = self.router(flat)
         # (token, slot) pairs in token-major order, stably sorted by expert: contiguous block per expert
         order = torch.argsort(experts.view(-1), stable=True)
-        if MOE_PERMUTE == "gather":
+        gather = MOE_PERMUTE == "gather"
+        if gather:
             inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-            routed = self.experts(_GatherSlots.apply(flat, order, inv, self.top_k), counts)
-            routed = routed * gates.view(-1)[order].unsqueeze(-1).to(routed.dtype)
+            rows = _GatherSlots.apply(flat, order, inv, self.top_k)
+        else:
+            rows = flat[order // self.top_k]
+        routed = self.experts(rows, counts)
+        routed = routed * gates.view(-1)[order].unsqueeze(-1).to(routed.dtype)
+        if gather:
             combined = _Permute.apply(routed, inv, order)  # back to token-major slots
         else:
-            routed = self.experts(flat[order // self.top_k], counts)
-            routed = routed * gates.view(-1)[order].unsqueeze(-1).to(routed.dtype)
             combined = torch.zeros(B * T * self.top_k, C, dtype=routed.dtype, device=routed.device)
             combined[order] = routed  # a permutation: every row written once
         out = combined.view(B * T, self.top_k, C).sum(dim=1) + self.shared_expert(flat)
