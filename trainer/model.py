@@ -3,7 +3,8 @@ rotary (-theta convention, base 1e5) before QK norm x1.2, sliding-window attenti
 with gates, smear, x0/residual lambdas, backout, softcapped logits over a vocab padded to 64.
 Attention: FlexAttention on CUDA while training (windows and packed-document masks as block masks),
 with cuDNN's causal kernel (full windows) and diagonal band (short windows) taking over on Hopper where they
-apply, SDPA elsewhere (explicit boolean mask). Optionally, `doc_ids` (B, T) keeps packed documents apart."""
+apply, SDPA elsewhere (explicit boolean mask); rotary + QK norm as Triton kernels in training on CUDA
+(trainer.rotary_norm). Optionally, `doc_ids` (B, T) keeps packed documents apart."""
 from __future__ import annotations
 
 import functools
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from trainer import cudnn_window
+from trainer import cudnn_window, rotary_norm
 from trainer.common import Linear, compute_dtype
 from trainer.config import GPTConfig
 from trainer.moe import MoE, update_expert_biases
@@ -39,6 +40,9 @@ _SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH
 # (trainer.cudnn_window, the optional [cuda] extra) instead of flex. "auto": cudnn on Hopper where the frontend
 # loads, flex elsewhere. None: flex.
 WINDOW_BACKEND: str | None = "auto"
+# Rotary + QK norm of q and k in training: "triton" runs trainer.rotary_norm's kernels (which keep only the
+# output for the backward), "auto" wherever Triton imports on CUDA in 16 bits, None the plain expression.
+ROTARY_NORM_KERNEL: str | None = "auto"
 # Evaluation and decoding on CUDA: not cuDNN, which builds a new plan for every new key length (at every
 # decode step, in every layer; at every batch width in a categorical eval). Flash takes the unmasked calls,
 # memory-efficient attention the masked ones.
@@ -77,6 +81,20 @@ def window_band(device: torch.device, dtype: torch.dtype) -> bool:
     if not cudnn_window.available():
         raise RuntimeError(f"WINDOW_BACKEND='cudnn' needs the cuDNN frontend (pip install '.[cuda]'): "
                            f"{cudnn_window.load_error()}")
+    return True
+
+
+def rotary_norm_kernel(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether training runs trainer.rotary_norm's Triton kernels (ROTARY_NORM_KERNEL resolved)."""
+    choice = ROTARY_NORM_KERNEL
+    if choice not in ("auto", "triton", None):
+        raise ValueError(f"ROTARY_NORM_KERNEL={choice!r}: expected 'triton', 'auto' or None")
+    if choice is None or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if choice == "auto":
+        return rotary_norm.available()
+    if not rotary_norm.available():
+        raise RuntimeError(f"ROTARY_NORM_KERNEL='triton' needs Triton: {rotary_norm.load_error()}")
     return True
 
 
@@ -325,7 +343,8 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(C, C)
         self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if has_value_embed(layer, config.n_layer) else None
 
-    def forward(self, x, ve, cos, sin, left, doc_ids, mask, cache: tuple[KVCache, int] | None = None):
+    def forward(self, x, ve, rope_norm, left, doc_ids, mask, cache: tuple[KVCache, int] | None = None):
+        """rope_norm: rotary then QK norm of a (B, T, H, D) tensor (GPT.forward picks the kernel)."""
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -333,8 +352,7 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:  # ResFormer value residual, gated per kv head
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
+        q, k = rope_norm(q), rope_norm(k)
         if cache is not None:
             y = cache[0].attend(cache[1], q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), left)
         else:
@@ -358,8 +376,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer)
         self.mlp = MoE(config) if config.num_experts > 0 else MLP(config)
 
-    def forward(self, x, ve, cos, sin, left, doc_ids, mask, cache=None):
-        x = x + self.attn(norm(x), ve, cos, sin, left, doc_ids, mask, cache)
+    def forward(self, x, ve, rope_norm, left, doc_ids, mask, cache=None):
+        x = x + self.attn(norm(x), ve, rope_norm, left, doc_ids, mask, cache)
         return x + self.mlp(norm(x))
 
 
@@ -482,16 +500,23 @@ class GPT(nn.Module):
             x = mixed if prev is not None else torch.cat([x[:, :1], mixed], dim=1)
         x0, x_mid = x, None
         masks = None
-        if idx.is_cuda and self.training:  # eval and generation vary T: SDPA avoids recompiling flex per length
+        training = self.training and kv_cache is None
+        if training and idx.is_cuda:  # eval and generation vary T: SDPA avoids recompiling flex per length
             masks = block_masks(T, set(self.windows), doc_ids, idx.device,
                                 gqa=self.config.n_head != self.config.n_kv_head, dtype=dt)
+        if training and rotary_norm_kernel(idx.device, dt):
+            rope_norm = functools.partial(rotary_norm.rotary_norm, cos=cos[0, :, 0], sin=sin[0, :, 0],
+                                          scale=QK_SCALE)
+        else:
+            def rope_norm(t):
+                return norm(apply_rotary(t, cos, sin)) * QK_SCALE
         with sdpa_kernel(DECODE_BACKENDS) if idx.is_cuda and (kv_cache is not None or not self.training) \
                 else nullcontext():
             for i, block in enumerate(self.transformer.h):
                 x = self.resid_lambdas[i].to(dt) * x + self.x0_lambdas[i].to(dt) * x0
                 ve = self.value_embeds[str(i)](idx).to(dt) if str(i) in self.value_embeds else None
                 left = self.windows[i]
-                x = block(x, ve, cos, sin, left, doc_ids, masks[left] if masks else None,
+                x = block(x, ve, rope_norm, left, doc_ids, masks[left] if masks else None,
                           (kv_cache, i) if kv_cache is not None else None)
                 if i == self.config.n_layer // 2:
                     x_mid = x
