@@ -437,8 +437,9 @@ def test_window_band_choice(monkeypatch):
 
 
 def test_rotary_norm_kernel_choice(monkeypatch):
-    """"auto" takes the Triton kernels only on CUDA in 16 bits where Triton imports; an explicit "triton"
-    without it says what is missing; a misspelt choice is refused."""
+    """"auto" takes the Triton kernels only on CUDA in 16 bits, for power-of-two head dims, where Triton
+    imports; an explicit "triton" without it, or for another head dim, says what is wrong; a misspelt choice is
+    refused."""
     from trainer import rotary_norm
     from trainer.model import rotary_norm_kernel
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
@@ -455,6 +456,10 @@ def test_rotary_norm_kernel_choice(monkeypatch):
     monkeypatch.setattr(rotary_norm, "load_error", lambda: None)
     monkeypatch.setattr(model_module, "ROTARY_NORM_KERNEL", "auto")
     assert rotary_norm_kernel(cuda, torch.float16) is True
+    assert rotary_norm_kernel(cuda, torch.bfloat16, head_dim=96) is False  # the kernels take powers of two
+    monkeypatch.setattr(model_module, "ROTARY_NORM_KERNEL", "triton")
+    with pytest.raises(ValueError, match="takes power-of-two head dims, not 96"):
+        rotary_norm_kernel(cuda, torch.bfloat16, head_dim=96)
     monkeypatch.setattr(model_module, "ROTARY_NORM_KERNEL", "fused")
     with pytest.raises(ValueError, match="ROTARY_NORM_KERNEL='fused'"):
         rotary_norm_kernel(cpu, torch.bfloat16)

@@ -84,12 +84,17 @@ def window_band(device: torch.device, dtype: torch.dtype) -> bool:
     return True
 
 
-def rotary_norm_kernel(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether training runs trainer.rotary_norm's Triton kernels (ROTARY_NORM_KERNEL resolved)."""
+def rotary_norm_kernel(device: torch.device, dtype: torch.dtype, head_dim: int = 128) -> bool:
+    """Whether training runs trainer.rotary_norm's Triton kernels (ROTARY_NORM_KERNEL resolved). They take
+    power-of-two head dims only (nanochat's are 128): other models keep the plain expression."""
     choice = ROTARY_NORM_KERNEL
     if choice not in ("auto", "triton", None):
         raise ValueError(f"ROTARY_NORM_KERNEL={choice!r}: expected 'triton', 'auto' or None")
     if choice is None or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if head_dim & (head_dim - 1):
+        if choice == "triton":
+            raise ValueError(f"ROTARY_NORM_KERNEL='triton' takes power-of-two head dims, not {head_dim}")
         return False
     if choice == "auto":
         return rotary_norm.available()
@@ -504,7 +509,7 @@ class GPT(nn.Module):
         if training and idx.is_cuda:  # eval and generation vary T: SDPA avoids recompiling flex per length
             masks = block_masks(T, set(self.windows), doc_ids, idx.device,
                                 gqa=self.config.n_head != self.config.n_kv_head, dtype=dt)
-        if training and rotary_norm_kernel(idx.device, dt):
+        if training and rotary_norm_kernel(idx.device, dt, self.config.n_embd // self.config.n_head):
             rope_norm = functools.partial(rotary_norm.rotary_norm, cos=cos[0, :, 0], sin=sin[0, :, 0],
                                           scale=QK_SCALE)
         else:

@@ -5,7 +5,7 @@ and the halves' slice backward) took 135 ms of a d20 step of 8 micro-batches on 
 pre-rotary q and k for the backward (bench/RESULTS.md, step 4). Rotation keeps each row's norm, so with
 y = scale * r / rms(r) the backward can recover r from y and the row's 1/rms: `rotary_norm` keeps only its
 output (which attention keeps anyway) and one fp32 per row. Measured: 71 ms for the same work, a d20 step
-2 % faster in a same-process A/B, 6 GiB less at the peak.
+1.8 % faster in a same-process A/B, 6 GiB less at the peak.
 
 A torch.library custom op per direction (opaque to torch.compile, with fake kernels for tracing), joined
 by an autograd Function. Where Triton is absent (CPU, CI) `available()` is False and the model keeps its
