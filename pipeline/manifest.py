@@ -18,6 +18,7 @@ from pipeline.cli import with_path
 from pipeline.errors import SnapshotError
 from pipeline.layout import snapshots_dir
 from pipeline.shard_format import FORMAT_VERSION, ShardReader
+from pipeline.tempfiles import temp_path
 
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.pkl"
@@ -86,7 +87,7 @@ def write_json_atomic(path: Path, value: Any, indent: int | None = 2, newline: b
     """JSON under a temporary name (pid-tagged, so stale ones are found), synced, then renamed into place.
     `indent=None, newline=False` writes exactly what Python's `json.dump(value, f)` writes."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
         tmp.write_text(json.dumps(value, indent=indent) + ("\n" if newline else ""), encoding="utf-8")
         with open(tmp, "rb+") as f:

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from pipeline.cli import with_path
 from pipeline.errors import SnapshotError
+from pipeline.tempfiles import temp_path
 
 FORMAT_VERSION = 1
 COLUMNS = ("tokens", "mask", "doc_lens", "doc_ids", "doc_tasks", "n_supervised")
@@ -127,7 +128,7 @@ def write_shard(path: Path, rows: ShardRows, meta: ShardMeta, allow_unsupervised
     snapshots, which keep upstream's rows exactly, set it)."""
     path = Path(path)
     batch = _record_batch(rows, meta, allow_unsupervised)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
         with pa.OSFile(str(tmp), "wb") as sink:
             with pa.ipc.new_file(sink, batch.schema) as writer:

@@ -15,6 +15,7 @@ import torch
 
 from pipeline.cli import first_line
 from pipeline.manifest import write_json_atomic
+from pipeline.tempfiles import temp_path
 from trainer.config import GPTConfig
 
 PHASE_DIRS = {"base": "base_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
@@ -51,14 +52,14 @@ def find_last_step(ckpt_dir: Path, complete: bool = False) -> int:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     try:
         try:
             torch.save(obj, tmp)
             os.replace(tmp, path)
         except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError [enforce fail ...]
-            raise CheckpointError(f"cannot write {path}: {first_line(e, type(e).__name__)} (is the disk full or the folder "
-                                  "read-only?); the previous checkpoint is kept") from None
+            raise CheckpointError(f"cannot write {path}: {first_line(e, type(e).__name__)} (is the disk full or "
+                                  "the folder read-only?); the previous checkpoint is kept") from None
     finally:  # a failed write (disk full, interrupt) leaves neither a partial file nor a stray temp
         tmp.unlink(missing_ok=True)
 
@@ -80,7 +81,8 @@ def save_checkpoint(ckpt_dir: Path, step: int, model_state: dict | None, optim_s
             try:
                 write_json_atomic(path, meta, newline=False)
             except OSError as e:
-                raise CheckpointError(f"cannot write {path}: {first_line(e, type(e).__name__)}; the previous checkpoint is kept") from None
+                raise CheckpointError(f"cannot write {path}: {first_line(e, type(e).__name__)}; the previous "
+                                      "checkpoint is kept") from None
 
 
 def load_meta(ckpt_dir: Path, step: int) -> dict:
@@ -105,8 +107,8 @@ def _torch_load(path: Path, device) -> Any:
         raise CheckpointError(f"cannot load {path}: it holds objects other than tensors (a pickle that could run "
                               "code), refused; use a checkpoint written by nanochat or nanosft") from None
     except Exception as e:  # RuntimeError (zip), EOFError, ...: an unusable file
-        raise CheckpointError(f"cannot load {path}: {first_line(e, type(e).__name__)} (truncated or damaged; delete this step's "
-                              "files to fall back to the previous checkpoint)") from None
+        raise CheckpointError(f"cannot load {path}: {first_line(e, type(e).__name__)} (truncated or damaged; "
+                              "delete this step's files to fall back to the previous checkpoint)") from None
 
 
 def load_model_state(ckpt_dir: Path, step: int, device: torch.device) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.cli import run_cli
-from pipeline.tempfiles import remove_stale_temps
+from pipeline.tempfiles import remove_stale_temps, temp_path
 from pipeline.layout import data_dir_of, demo_dir
 from pipeline.manifest import latest_snapshot, shard_paths, verify_snapshot
 from pipeline.shard_format import SplitReader
@@ -476,7 +476,7 @@ def rewrite_metrics(path: Path, start_step: int) -> list[dict]:
                 continue
             if r.get("step", 0) < start_step or (r.get("step") == start_step and "loss" in r):
                 kept.append(r)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
     os.replace(tmp, path)
     return kept
