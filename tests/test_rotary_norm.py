@@ -5,18 +5,11 @@ check runs in its own Python process); where Triton is not installed those check
 checks run on the compiled kernels, at the model's real sizes."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests.triton_interpreter import run_interpreted
 from trainer import rotary_norm
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # The model's plain expression and the checks, shared by the interpreted and the CUDA tests.
 CHECKS = '''
@@ -78,14 +71,7 @@ def check_through_autograd_and_compile(device):
 
 
 def _interpreted(call: str) -> None:
-    """Run CHECKS + `call` in a fresh process with Triton's interpreter on; fail with its traceback."""
-    pytest.importorskip("triton", reason="Triton is not installed (CUDA machines have it with torch)")
-    if torch.cuda.is_available():  # older Triton interpreters choke on these kernels' runtime arguments
-        pytest.skip("on CUDA the compiled kernels are checked instead (test_rotary_norm_on_cuda_at_the_model_sizes)")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", CHECKS + textwrap.dedent(call)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_interpreted(CHECKS, call, "test_rotary_norm_on_cuda_at_the_model_sizes")
 
 
 def test_rotary_norm_kernels_interpreted():
