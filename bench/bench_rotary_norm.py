@@ -12,7 +12,6 @@ the inputs, which includes what each keeps for its backward.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -20,30 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.cuda_timing import interleaved, peak_gib  # noqa: E402
 from trainer import rotary_norm  # noqa: E402
 from trainer.model import QK_SCALE, apply_rotary, norm, rotary_tables  # noqa: E402
-
-
-def timed(fn, iters: int) -> float:
-    """Median ms of `iters` calls."""
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
-def peak_gib(fn) -> float:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
 def main() -> int:
@@ -90,16 +68,12 @@ def main() -> int:
     for name, fn in candidates.items():  # compile and warm up
         fn()
         peaks[name] = peak_gib(fn)
-    times = {name: [] for name in candidates}
-    for _ in range(args.rounds):
-        for name, fn in candidates.items():
-            times[name].append(timed(fn, args.iters))
+    times = interleaved(candidates, args.rounds, args.iters)
     moved = 5 * x.numel() * x.element_size()  # forward 2, backward 3 tensors of x's size
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; (B, T, H, D) = ({B}, {T}, {H}, {D}) bf16")
     print("| candidate | fwd+bwd ms | GB/s (5 tensors moved) | peak GiB above inputs |")
     print("|---|---|---|---|")
-    for name, ts in times.items():
-        ms = statistics.median(ts)
+    for name, ms in times.items():
         print(f"| {name} | {ms:.3f} | {moved / ms / 1e6:,.0f} | {peaks[name]:.2f} |")
     return 0
 

@@ -465,6 +465,39 @@ def test_rotary_norm_kernel_choice(monkeypatch):
         rotary_norm_kernel(cpu, torch.bfloat16)
 
 
+def test_mlp_kernel_choice(monkeypatch):
+    """"auto" takes the fused relu^2 GEMMs only on Hopper in 16 bits, for widths TMA can read, where Triton
+    imports; an explicit "triton" where they cannot run says why; a misspelt choice is refused."""
+    from trainer import relu2_mlp
+    from trainer.model import mlp_kernel
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    for choice in ("auto", "triton", None):
+        monkeypatch.setattr(model_module, "MLP_KERNEL", choice)
+        assert mlp_kernel(cpu, torch.bfloat16, 1280) is False
+        assert mlp_kernel(cuda, torch.float32, 1280) is False
+    monkeypatch.setattr(relu2_mlp, "available", lambda: False)
+    monkeypatch.setattr(model_module, "MLP_KERNEL", "auto")
+    assert mlp_kernel(cuda, torch.bfloat16, 1280) is False  # no Triton: the plain path, no error
+    monkeypatch.setattr(model_module, "MLP_KERNEL", "triton")
+    with pytest.raises(RuntimeError, match="MLP_KERNEL='triton' needs Triton with TMA descriptors"):
+        mlp_kernel(cuda, torch.bfloat16, 1280)
+    monkeypatch.setattr(relu2_mlp, "available", lambda: True)
+    monkeypatch.setattr(model_module, "MLP_KERNEL", "auto")
+    assert mlp_kernel(cuda, torch.bfloat16, 1280) is True
+    assert mlp_kernel(cuda, torch.float16, 768) is True
+    assert mlp_kernel(cuda, torch.bfloat16, 1284) is False  # rows of 2568 bytes: not 16-byte aligned
+    capability[0] = (8, 0)
+    assert mlp_kernel(cuda, torch.bfloat16, 1280) is False  # no TMA before Hopper
+    monkeypatch.setattr(model_module, "MLP_KERNEL", "triton")
+    with pytest.raises(RuntimeError, match=r"SM 9.0 or later and a width divisible by 8 \(got 1280 on SM 8.0\)"):
+        mlp_kernel(cuda, torch.bfloat16, 1280)
+    monkeypatch.setattr(model_module, "MLP_KERNEL", "fused")
+    with pytest.raises(ValueError, match="MLP_KERNEL='fused'"):
+        mlp_kernel(cpu, torch.bfloat16, 1280)
+
+
 def test_block_masks_plan_a_cudnn_band_for_short_windows_only(monkeypatch):
     """With the band on: short windows of plain rows get a CudnnBand, the full window keeps its causal plan,
     and document ids or GQA fall back to flex block masks (the band has no document mask)."""
@@ -505,7 +538,7 @@ def test_cudnn_band_attention_matches_the_window_mask_on_cuda(left):
 
 
 PLAIN_PATH = {"CAUSAL_SDPA_BACKEND": None, "FLEX_KERNEL_OPTIONS": None, "WINDOW_BACKEND": None,
-              "ROTARY_NORM_KERNEL": None}
+              "ROTARY_NORM_KERNEL": None, "MLP_KERNEL": None}
 
 
 def _loss_and_grads(model: GPT, idx, targets, settings: dict, monkeypatch):
@@ -520,44 +553,58 @@ def _loss_and_grads(model: GPT, idx, targets, settings: dict, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("settings", [{"CAUSAL_SDPA_BACKEND": "auto"}, {"CAUSAL_SDPA_BACKEND": "cudnn"},
                                       {"CAUSAL_SDPA_BACKEND": "flash"}, {"WINDOW_BACKEND": "cudnn"},
-                                      {"ROTARY_NORM_KERNEL": "triton"},
+                                      {"ROTARY_NORM_KERNEL": "triton"}, {"MLP_KERNEL": "triton"},
                                       {"CAUSAL_SDPA_BACKEND": "auto", "WINDOW_BACKEND": "auto",
-                                       "ROTARY_NORM_KERNEL": "auto"}])
+                                       "ROTARY_NORM_KERNEL": "auto", "MLP_KERNEL": "auto"}])
 def test_training_kernel_choices_match_the_plain_path_on_cuda(monkeypatch, settings):
     """Each faster training-path choice computes the plain path's loss and gradients: in bf16 it is no
-    further from an fp32 run of the plain path than the plain bf16 path is (two bf16 runs differ by noise)."""
+    further from an fp32 run of the plain path than the plain bf16 path is (two bf16 runs differ by noise).
+    Over four weight/batch seeds: the loss and every matrix gradient on each seed (x2 + 0.2 %). A scalar's
+    gradient sums cancelling terms over every token, so its bf16 error is mostly noise: on the plain path it
+    swung from 3 % to 103 % between seeds, and between runs of one seed (bench/RESULTS.md, step 5); scalars
+    are held to their mean error over the seeds (x3 + 10 %), which a biased kernel still fails."""
     from trainer import cudnn_window
     from trainer import rotary_norm
     if settings.get("WINDOW_BACKEND") == "cudnn" and not cudnn_window.available():
         pytest.skip(f"no cuDNN frontend: {cudnn_window.load_error()}")
     if "triton" in settings.values() and not rotary_norm.available():
         pytest.skip(f"no Triton: {rotary_norm.load_error()}")
+    if settings.get("MLP_KERNEL") == "triton" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the fused MLP GEMMs need TMA (SM 9.0 or later)")
     kw = dict(sequence_len=1024, vocab_size=512, n_layer=4, n_head=2, n_kv_head=2, n_embd=256)
-    models = {}
-    for dtype in ("float32", "bfloat16"):
-        monkeypatch.setenv("NANOCHAT_DTYPE", dtype)
-        models[dtype] = build(init=False, **kw).cuda()
-        models[dtype].init_weights()
-    randomize(models["float32"])
-    models["bfloat16"].load_state_dict(models["float32"].state_dict())
-    g = torch.Generator(device="cuda").manual_seed(3)
-    idx = torch.randint(0, 512, (2, 1024), device="cuda", generator=g)
-    targets = torch.randint(0, 512, (2, 1024), device="cuda", generator=g)
-    targets[:, :100] = -1
-    ref_loss, ref = _loss_and_grads(models["float32"], idx, targets, {}, monkeypatch)
-    old_loss, old = _loss_and_grads(models["bfloat16"], idx, targets, {}, monkeypatch)
-    new_loss, new = _loss_and_grads(models["bfloat16"], idx, targets, settings, monkeypatch)
-    assert math.isfinite(new_loss) and abs(new_loss - ref_loss) <= 2 * abs(old_loss - ref_loss) + 2e-3 * ref_loss
 
     def rel(a, b):
         return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
-    for name in ref:  # a scalar's gradient sums many cancelling terms: bf16 noise is relatively larger there
-        slack = (2, 2e-3) if ref[name].numel() >= 1024 else (3, 5e-2)
-        if ref[name].numel() < 1024:  # shown with pytest -rA: how close each scalar came to its bound
-            print(f"{name}: {rel(new[name], ref[name]):.4f} vs plain bf16 {rel(old[name], ref[name]):.4f}")
-        assert torch.isfinite(new[name]).all(), name
-        assert rel(new[name], ref[name]) <= slack[0] * rel(old[name], ref[name]) + slack[1], \
-            (name, rel(new[name], ref[name]), rel(old[name], ref[name]))
+    scalars: dict[str, list[tuple[float, float]]] = {}  # name -> (new, plain bf16) error per seed
+    for seed in range(1, 5):
+        models = {}
+        for dtype in ("float32", "bfloat16"):
+            monkeypatch.setenv("NANOCHAT_DTYPE", dtype)
+            models[dtype] = build(init=False, **kw).cuda()
+            models[dtype].init_weights()
+        randomize(models["float32"], seed=seed)
+        models["bfloat16"].load_state_dict(models["float32"].state_dict())
+        g = torch.Generator(device="cuda").manual_seed(seed + 2)
+        idx = torch.randint(0, 512, (2, 1024), device="cuda", generator=g)
+        targets = torch.randint(0, 512, (2, 1024), device="cuda", generator=g)
+        targets[:, :100] = -1
+        ref_loss, ref = _loss_and_grads(models["float32"], idx, targets, {}, monkeypatch)
+        old_loss, old = _loss_and_grads(models["bfloat16"], idx, targets, {}, monkeypatch)
+        new_loss, new = _loss_and_grads(models["bfloat16"], idx, targets, settings, monkeypatch)
+        assert math.isfinite(new_loss) and \
+            abs(new_loss - ref_loss) <= 2 * abs(old_loss - ref_loss) + 2e-3 * ref_loss, (seed, new_loss, old_loss)
+        for name in ref:
+            assert torch.isfinite(new[name]).all(), (seed, name)
+            if ref[name].numel() >= 1024:
+                assert rel(new[name], ref[name]) <= 2 * rel(old[name], ref[name]) + 2e-3, \
+                    (seed, name, rel(new[name], ref[name]), rel(old[name], ref[name]))
+            else:
+                scalars.setdefault(name, []).append((rel(new[name], ref[name]), rel(old[name], ref[name])))
+    for name, pairs in scalars.items():
+        new_err, old_err = (sum(p[i] for p in pairs) / len(pairs) for i in (0, 1))
+        print(f"{name}: mean {new_err:.4f} vs plain bf16 {old_err:.4f}; per seed "  # shown with pytest -rA
+              + ", ".join(f"{n:.3f}/{o:.3f}" for n, o in pairs))
+        assert new_err <= 3 * old_err + 0.1, (name, pairs)
 
 
 @pytest.mark.parametrize("kw", [{}, {"n_kv_head": 1}, {"num_experts": 4, "top_k": 2}])

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from trainer import cudnn_window, rotary_norm
+from trainer import cudnn_window, relu2_mlp, rotary_norm
 from trainer.common import Linear, compute_dtype
 from trainer.config import GPTConfig
 from trainer.moe import MoE, update_expert_biases
@@ -43,6 +43,9 @@ WINDOW_BACKEND: str | None = "auto"
 # Rotary + QK norm of q and k in training: "triton" runs trainer.rotary_norm's kernels (which keep only the
 # output for the backward), "auto" wherever Triton imports on CUDA in 16 bits, None the plain expression.
 ROTARY_NORM_KERNEL: str | None = "auto"
+# The dense MLP in training: "triton" runs trainer.relu2_mlp (relu^2 and its gradient fused into two Triton
+# GEMMs through TMA), "auto" on Hopper where Triton imports in 16 bits, None the plain expression.
+MLP_KERNEL: str | None = "auto"
 # Evaluation and decoding on CUDA: not cuDNN, which builds a new plan for every new key length (at every
 # decode step, in every layer; at every batch width in a categorical eval). Flash takes the unmasked calls,
 # memory-efficient attention the masked ones.
@@ -100,6 +103,25 @@ def rotary_norm_kernel(device: torch.device, dtype: torch.dtype, head_dim: int =
         return rotary_norm.available()
     if not rotary_norm.available():
         raise RuntimeError(f"ROTARY_NORM_KERNEL='triton' needs Triton: {rotary_norm.load_error()}")
+    return True
+
+
+def mlp_kernel(device: torch.device, dtype: torch.dtype, width: int) -> bool:
+    """Whether the training MLP runs trainer.relu2_mlp's fused GEMMs (MLP_KERNEL resolved): TMA needs
+    Hopper or later and 16-byte aligned rows."""
+    choice = MLP_KERNEL
+    if choice not in ("auto", "triton", None):
+        raise ValueError(f"MLP_KERNEL={choice!r}: expected 'triton', 'auto' or None")
+    if choice is None or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    fits = width % 8 == 0 and torch.cuda.get_device_capability(device)[0] >= 9
+    if choice == "auto":
+        return fits and _hopper(device) and relu2_mlp.available()
+    if not relu2_mlp.available():
+        raise RuntimeError("MLP_KERNEL='triton' needs Triton with TMA descriptors (triton.tools.tensor_descriptor)")
+    if not fits:
+        raise RuntimeError(f"MLP_KERNEL='triton' needs SM 9.0 or later and a width divisible by 8 (got {width} "
+                           f"on SM {'.'.join(map(str, torch.cuda.get_device_capability(device)))})")
     return True
 
 
@@ -372,6 +394,8 @@ class MLP(nn.Module):
         self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
     def forward(self, x):
+        if self.training and torch.is_grad_enabled() and mlp_kernel(x.device, x.dtype, x.size(-1)):
+            return relu2_mlp.relu2_mlp(x, self.c_fc.weight.to(x.dtype), self.c_proj.weight.to(x.dtype))
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
