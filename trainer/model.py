@@ -4,7 +4,8 @@ with gates, smear, x0/residual lambdas, backout, softcapped logits over a vocab 
 Attention: FlexAttention on CUDA while training (windows and packed-document masks as block masks),
 with cuDNN's causal kernel (full windows) and diagonal band (short windows) taking over on Hopper where they
 apply, SDPA elsewhere (explicit boolean mask); rotary + QK norm as Triton kernels in training on CUDA
-(trainer.rotary_norm). Optionally, `doc_ids` (B, T) keeps packed documents apart."""
+(trainer.rotary_norm), and on Hopper the MLP's relu^2 fused into its GEMMs (trainer.relu2_mlp).
+Optionally, `doc_ids` (B, T) keeps packed documents apart."""
 from __future__ import annotations
 
 import functools
