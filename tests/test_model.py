@@ -477,13 +477,13 @@ def test_mlp_kernel_choice(monkeypatch):
         monkeypatch.setattr(model_module, "MLP_KERNEL", choice)
         assert mlp_kernel(cpu, torch.bfloat16, 1280) is False
         assert mlp_kernel(cuda, torch.float32, 1280) is False
-    monkeypatch.setattr(relu2_mlp, "available", lambda: False)
+    monkeypatch.setattr(relu2_mlp, "load_error", lambda: "ModuleNotFoundError: No module named 'triton'")
     monkeypatch.setattr(model_module, "MLP_KERNEL", "auto")
     assert mlp_kernel(cuda, torch.bfloat16, 1280) is False  # no Triton: the plain path, no error
     monkeypatch.setattr(model_module, "MLP_KERNEL", "triton")
     with pytest.raises(RuntimeError, match="MLP_KERNEL='triton' needs Triton with TMA descriptors"):
         mlp_kernel(cuda, torch.bfloat16, 1280)
-    monkeypatch.setattr(relu2_mlp, "available", lambda: True)
+    monkeypatch.setattr(relu2_mlp, "load_error", lambda: None)
     monkeypatch.setattr(model_module, "MLP_KERNEL", "auto")
     assert mlp_kernel(cuda, torch.bfloat16, 1280) is True
     assert mlp_kernel(cuda, torch.float16, 768) is True

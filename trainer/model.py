@@ -119,7 +119,7 @@ def mlp_kernel(device: torch.device, dtype: torch.dtype, width: int) -> bool:
     if choice == "auto":
         return fits and _hopper(device) and relu2_mlp.available()
     if not relu2_mlp.available():
-        raise RuntimeError("MLP_KERNEL='triton' needs Triton with TMA descriptors (triton.tools.tensor_descriptor)")
+        raise RuntimeError(f"MLP_KERNEL='triton' needs Triton with TMA descriptors: {relu2_mlp.load_error()}")
     if not fits:
         raise RuntimeError(f"MLP_KERNEL='triton' needs SM 9.0 or later and a width divisible by 8 (got {width} "
                            f"on SM {'.'.join(map(str, torch.cuda.get_device_capability(device)))})")

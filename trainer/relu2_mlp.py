@@ -18,8 +18,6 @@ from typing import NamedTuple
 
 import torch
 
-from trainer import rotary_norm
-
 
 class GemmConfig(NamedTuple):
     """Tile shape and schedule of relu2_matmul_kernel."""
@@ -40,18 +38,19 @@ FWD_CONFIG = GemmConfig(stages=4)
 GRAD_CONFIG = GemmConfig(stages=3, warp_specialize=True)
 
 
-def available() -> bool:
-    """Whether the kernels and the host-side TMA descriptors import."""
-    return rotary_norm.available() and _descriptor_error() is None
-
-
 @functools.cache
-def _descriptor_error() -> str | None:
+def load_error() -> str | None:
+    """None when the kernels and Triton's host-side TMA descriptors import; else why not."""
     try:
+        import trainer.triton_kernels  # noqa: F401
         from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except Exception as e:
+    except Exception as e:  # ImportError, or a broken Triton install
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def available() -> bool:
+    return load_error() is None
 
 
 @functools.cache

@@ -1,7 +1,8 @@
-"""Triton kernels of the training path; their host side (custom ops, autograd) is trainer.rotary_norm.
+"""Triton kernels of the training path; their host sides (custom ops, autograd) are trainer.rotary_norm and
+trainer.relu2_mlp.
 
-Imported only through it, where Triton is present. Under TRITON_INTERPRET=1 they run on CPU tensors
-(tests/test_rotary_norm.py)."""
+Imported only through them, where Triton is present. Under TRITON_INTERPRET=1 they run on CPU tensors
+(tests/test_rotary_norm.py, tests/test_relu2_mlp.py)."""
 import triton
 import triton.language as tl
 
@@ -19,6 +20,19 @@ def _rows(pid, n_rows, heads, seq_len, ROWS: tl.constexpr):
 
 
 @triton.jit
+def _halves(ptr, m, HALF: tl.constexpr):
+    """The two halves of each row at ptr (a (rows, HALF) block of pointers), masked by m, in fp32."""
+    return tl.load(ptr, mask=m, other=0.0).to(tl.float32), tl.load(ptr + HALF, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _cos_sin(cos, sin, t, c, m, HALF: tl.constexpr):
+    """The rotary table rows of positions t, (rows, HALF) each, in fp32."""
+    tab = t[:, None] * HALF + c
+    return tl.load(cos + tab, mask=m, other=0.0).to(tl.float32), tl.load(sin + tab, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def rotary_norm_fwd_kernel(x, cos, sin, y, inv, n_rows, heads, seq_len, sb, st, sh, scale, eps,
                            HALF: tl.constexpr, ROWS: tl.constexpr):
     """y = scale * rms_norm(rotary(x)) per head row of D = 2 * HALF; x strided (sb, st, sh, 1), y contiguous;
@@ -27,12 +41,8 @@ def rotary_norm_fwd_kernel(x, cos, sin, y, inv, n_rows, heads, seq_len, sb, st, 
     rows, b, t, h, valid = _rows(tl.program_id(0), n_rows, heads, seq_len, ROWS)
     c = tl.arange(0, HALF)[None, :]
     m = valid[:, None]
-    src = x + (b * sb + t * st + h * sh)[:, None] + c
-    x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
-    tab = t[:, None] * HALF + c
-    co = tl.load(cos + tab, mask=m, other=0.0).to(tl.float32)
-    si = tl.load(sin + tab, mask=m, other=0.0).to(tl.float32)
+    x1, x2 = _halves(x + (b * sb + t * st + h * sh)[:, None] + c, m, HALF)
+    co, si = _cos_sin(cos, sin, t, c, m, HALF)
     r1 = x1 * co + x2 * si
     r2 = x2 * co - x1 * si
     rs = tl.rsqrt((tl.sum(r1 * r1, axis=1) + tl.sum(r2 * r2, axis=1)) / (2 * HALF) + eps)
@@ -51,19 +61,13 @@ def rotary_norm_bwd_kernel(dy, y, inv, cos, sin, dx, n_rows, heads, seq_len, sb,
     rows, b, t, h, valid = _rows(tl.program_id(0), n_rows, heads, seq_len, ROWS)
     c = tl.arange(0, HALF)[None, :]
     m = valid[:, None]
-    gsrc = dy + (b * sb + t * st + h * sh)[:, None] + c
-    g1 = tl.load(gsrc, mask=m, other=0.0).to(tl.float32)
-    g2 = tl.load(gsrc + HALF, mask=m, other=0.0).to(tl.float32)
-    ysrc = y + rows[:, None] * (2 * HALF) + c
-    y1 = tl.load(ysrc, mask=m, other=0.0).to(tl.float32)
-    y2 = tl.load(ysrc + HALF, mask=m, other=0.0).to(tl.float32)
+    g1, g2 = _halves(dy + (b * sb + t * st + h * sh)[:, None] + c, m, HALF)
+    y1, y2 = _halves(y + rows[:, None] * (2 * HALF) + c, m, HALF)
     rs = tl.load(inv + rows, mask=valid, other=0.0)[:, None]
     k = ((tl.sum(g1 * y1, axis=1) + tl.sum(g2 * y2, axis=1)) / (scale * 2 * HALF))[:, None]
     d1 = rs * (scale * g1 - y1 * k)
     d2 = rs * (scale * g2 - y2 * k)
-    tab = t[:, None] * HALF + c
-    co = tl.load(cos + tab, mask=m, other=0.0).to(tl.float32)
-    si = tl.load(sin + tab, mask=m, other=0.0).to(tl.float32)
+    co, si = _cos_sin(cos, sin, t, c, m, HALF)
     dst = dx + rows[:, None] * (2 * HALF) + c
     tl.store(dst, (d1 * co - d2 * si).to(dx.dtype.element_ty), mask=m)
     tl.store(dst + HALF, (d1 * si + d2 * co).to(dx.dtype.element_ty), mask=m)
