@@ -1,6 +1,7 @@
-"""Small shared pieces of the trainer: devices, dtypes, ranks, peak FLOPs, the fp32-master Linear."""
+"""Small shared pieces of the trainer: devices, dtypes, ranks, peak FLOPs, optional imports, the fp32-master Linear."""
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -85,6 +86,17 @@ def get_peak_flops(device_name: str) -> float:
             return flops
     print0(f"WARNING: peak FLOPs unknown for {device_name!r}; MFU will show as 0%")
     return float("inf")
+
+
+def import_error(*modules: str) -> str | None:
+    """None when every module imports (Triton kernels, an optional extra); else why not, for the caller's
+    error message. Any exception counts: a broken install fails at import too."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+    return None
 
 
 class Linear(nn.Linear):

@@ -16,15 +16,13 @@ import functools
 
 import torch
 
+from trainer.common import import_error
+
 
 @functools.cache
 def load_error() -> str | None:
     """None when the frontend's torch op is registered; else why not (import or cuDNN-loading error)."""
-    try:
-        import cudnn.sdpa.fwd.torch_op  # noqa: F401  registers torch.ops.cudnn.sdpa_fwd (autograd + fake)
-    except Exception as e:  # ImportError, or the frontend failing to load the cuDNN library it wraps
-        return f"{type(e).__name__}: {e}"
-    return None
+    return import_error("cudnn.sdpa.fwd.torch_op")  # registers torch.ops.cudnn.sdpa_fwd (autograd + fake)
 
 
 def available() -> bool:

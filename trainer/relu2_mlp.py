@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import torch
 
+from trainer.common import import_error
+
 
 class GemmConfig(NamedTuple):
     """Tile shape and schedule of relu2_matmul_kernel."""
@@ -41,12 +43,7 @@ GRAD_CONFIG = GemmConfig(stages=3, warp_specialize=True)
 @functools.cache
 def load_error() -> str | None:
     """None when the kernels and Triton's host-side TMA descriptors import; else why not."""
-    try:
-        import trainer.triton_kernels  # noqa: F401
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except Exception as e:  # ImportError, or a broken Triton install
-        return f"{type(e).__name__}: {e}"
-    return None
+    return import_error("trainer.triton_kernels", "triton.tools.tensor_descriptor")
 
 
 def available() -> bool:

@@ -17,15 +17,13 @@ import functools
 
 import torch
 
+from trainer.common import import_error
+
 
 @functools.cache
 def load_error() -> str | None:
     """None when the Triton kernels import; else why not."""
-    try:
-        import trainer.triton_kernels  # noqa: F401
-    except Exception as e:  # ImportError, or a broken Triton install
-        return f"{type(e).__name__}: {e}"
-    return None
+    return import_error("trainer.triton_kernels")
 
 
 def available() -> bool:
