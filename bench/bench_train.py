@@ -51,7 +51,8 @@ CONFIGS = {  # name: (depth, experts) with nanochat's sizing: C = depth·64 roun
 # --set / --variants key: the module-level training-path choice it sets
 SETTINGS = {"flex": (model_module, "FLEX_KERNEL_OPTIONS"), "causal_sdpa": (model_module, "CAUSAL_SDPA_BACKEND"),
             "window": (model_module, "WINDOW_BACKEND"), "moe_permute": (moe_module, "MOE_PERMUTE"),
-            "rotary_norm": (model_module, "ROTARY_NORM_KERNEL"), "mlp": (model_module, "MLP_KERNEL")}
+            "rotary_norm": (model_module, "ROTARY_NORM_KERNEL"), "mlp": (model_module, "MLP_KERNEL"),
+            "loss": (model_module, "LOSS_KERNEL")}
 DEFAULTS = {key: getattr(mod, attr) for key, (mod, attr) in SETTINGS.items()}
 
 

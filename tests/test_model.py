@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.common import compute_dtype, dist_info, get_peak_flops
+from trainer.common import compute_dtype, dist_info, get_peak_flops, import_error
 from trainer.config import GPTConfig
 import trainer.model as model_module
 from trainer.model import GPT, attend, attention_mask, block_masks, window_sizes
@@ -61,6 +61,16 @@ def test_peak_flops_table_order():
     assert get_peak_flops("NVIDIA L40S") == 362e12 and get_peak_flops("NVIDIA L4") == 121e12
     assert get_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert get_peak_flops("cpu") == float("inf")
+
+
+def test_import_error_names_the_failure(tmp_path, monkeypatch):
+    """The optional kernels' availability checks: None when everything imports, else the first failure,
+    whatever it raised (a broken install is not always an ImportError)."""
+    (tmp_path / "broken_extra.py").write_text("raise OSError('libcudnn.so.9: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert import_error("json", "math") is None
+    assert import_error("json", "no_such_module_here") == "ModuleNotFoundError: No module named 'no_such_module_here'"
+    assert import_error("broken_extra") == "OSError: libcudnn.so.9: cannot open shared object file"
 
 
 def test_compute_dtype_and_dist_info(monkeypatch):
@@ -498,6 +508,37 @@ def test_mlp_kernel_choice(monkeypatch):
         mlp_kernel(cpu, torch.bfloat16, 1280)
 
 
+def test_loss_kernel_choice(monkeypatch):
+    """"auto" takes the fused loss only on Hopper in 16 bits where Triton imports; an explicit "triton"
+    without Triton says why; a misspelt choice is refused."""
+    from trainer import softcap_ce
+    from trainer.model import loss_kernel
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    monkeypatch.setattr(softcap_ce, "load_error", lambda: None)
+    for choice in ("auto", "triton", None):
+        monkeypatch.setattr(model_module, "LOSS_KERNEL", choice)
+        assert loss_kernel(cpu, torch.bfloat16) is False
+        assert loss_kernel(cuda, torch.float32) is False
+        assert loss_kernel(cuda, torch.bfloat16) is (choice is not None)
+    capability[0] = (8, 0)
+    assert loss_kernel(cuda, torch.float16) is False  # None
+    monkeypatch.setattr(model_module, "LOSS_KERNEL", "auto")
+    assert loss_kernel(cuda, torch.float16) is False  # measured on Hopper only
+    monkeypatch.setattr(model_module, "LOSS_KERNEL", "triton")
+    assert loss_kernel(cuda, torch.float16) is True  # asked for: runs wherever Triton does
+    monkeypatch.setattr(softcap_ce, "load_error", lambda: "ModuleNotFoundError: No module named 'triton'")
+    with pytest.raises(RuntimeError, match="LOSS_KERNEL='triton' needs Triton: ModuleNotFoundError"):
+        loss_kernel(cuda, torch.bfloat16)
+    monkeypatch.setattr(model_module, "LOSS_KERNEL", "auto")
+    capability[0] = (9, 0)
+    assert loss_kernel(cuda, torch.bfloat16) is False  # no Triton: the plain path, no error
+    monkeypatch.setattr(model_module, "LOSS_KERNEL", "chunked")
+    with pytest.raises(ValueError, match="LOSS_KERNEL='chunked'"):
+        loss_kernel(cpu, torch.bfloat16)
+
+
 def test_block_masks_plan_a_cudnn_band_for_short_windows_only(monkeypatch):
     """With the band on: short windows of plain rows get a CudnnBand, the full window keeps its causal plan,
     and document ids or GQA fall back to flex block masks (the band has no document mask)."""
@@ -538,7 +579,7 @@ def test_cudnn_band_attention_matches_the_window_mask_on_cuda(left):
 
 
 PLAIN_PATH = {"CAUSAL_SDPA_BACKEND": None, "FLEX_KERNEL_OPTIONS": None, "WINDOW_BACKEND": None,
-              "ROTARY_NORM_KERNEL": None, "MLP_KERNEL": None}
+              "ROTARY_NORM_KERNEL": None, "MLP_KERNEL": None, "LOSS_KERNEL": None}
 
 
 def _loss_and_grads(model: GPT, idx, targets, settings: dict, monkeypatch):
@@ -554,8 +595,9 @@ def _loss_and_grads(model: GPT, idx, targets, settings: dict, monkeypatch):
 @pytest.mark.parametrize("settings", [{"CAUSAL_SDPA_BACKEND": "auto"}, {"CAUSAL_SDPA_BACKEND": "cudnn"},
                                       {"CAUSAL_SDPA_BACKEND": "flash"}, {"WINDOW_BACKEND": "cudnn"},
                                       {"ROTARY_NORM_KERNEL": "triton"}, {"MLP_KERNEL": "triton"},
+                                      {"LOSS_KERNEL": "triton"},
                                       {"CAUSAL_SDPA_BACKEND": "auto", "WINDOW_BACKEND": "auto",
-                                       "ROTARY_NORM_KERNEL": "auto", "MLP_KERNEL": "auto"}])
+                                       "ROTARY_NORM_KERNEL": "auto", "MLP_KERNEL": "auto", "LOSS_KERNEL": "auto"}])
 def test_training_kernel_choices_match_the_plain_path_on_cuda(monkeypatch, settings):
     """Each faster training-path choice computes the plain path's loss and gradients: in bf16 it is no
     further from an fp32 run of the plain path than the plain bf16 path is (two bf16 runs differ by noise).

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from trainer import cudnn_window, relu2_mlp, rotary_norm
+from trainer import cudnn_window, relu2_mlp, rotary_norm, softcap_ce
 from trainer.common import Linear, compute_dtype
 from trainer.config import GPTConfig
 from trainer.moe import MoE, update_expert_biases
@@ -47,6 +47,10 @@ ROTARY_NORM_KERNEL: str | None = "auto"
 # The dense MLP in training: "triton" runs trainer.relu2_mlp (relu^2 and its gradient fused into two Triton
 # GEMMs through TMA), "auto" on Hopper where Triton imports in 16 bits, None the plain expression.
 MLP_KERNEL: str | None = "auto"
+# The training loss: "triton" runs trainer.softcap_ce (lm_head over the supervised rows only, softcap and
+# cross-entropy in one Triton kernel), "auto" on Hopper where Triton imports in 16 bits, None the plain
+# expression. Only for a summed or mean loss with gradients on: evaluation keeps the plain expression.
+LOSS_KERNEL: str | None = "auto"
 # Evaluation and decoding on CUDA: not cuDNN, which builds a new plan for every new key length (at every
 # decode step, in every layer; at every batch width in a categorical eval). Flash takes the unmasked calls,
 # memory-efficient attention the masked ones.
@@ -104,6 +108,20 @@ def rotary_norm_kernel(device: torch.device, dtype: torch.dtype, head_dim: int =
         return rotary_norm.available()
     if not rotary_norm.available():
         raise RuntimeError(f"ROTARY_NORM_KERNEL='triton' needs Triton: {rotary_norm.load_error()}")
+    return True
+
+
+def loss_kernel(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the training loss runs trainer.softcap_ce (LOSS_KERNEL resolved)."""
+    choice = LOSS_KERNEL
+    if choice not in ("auto", "triton", None):
+        raise ValueError(f"LOSS_KERNEL={choice!r}: expected 'triton', 'auto' or None")
+    if choice is None or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if choice == "auto":
+        return _hopper(device) and softcap_ce.available()
+    if not softcap_ce.available():
+        raise RuntimeError(f"LOSS_KERNEL='triton' needs Triton: {softcap_ce.load_error()}")
     return True
 
 
@@ -558,6 +576,10 @@ class GPT(nn.Module):
             rows = torch.arange(B, device=idx.device)
             x, x_mid = x[rows, logits_at][:, None], x_mid[rows, logits_at][:, None]
         x = norm(x - self.backout_lambda.to(dt) * x_mid)
+        if targets is not None and loss_reduction in ("sum", "mean") and training and torch.is_grad_enabled() \
+                and loss_kernel(idx.device, dt):
+            loss = softcap_ce.softcap_ce(x, self.lm_head.weight.to(dt), targets, V, SOFTCAP)
+            return loss if loss_reduction == "sum" else loss / (targets >= 0).sum()
         logits = self.lm_head(x)[..., :V].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:

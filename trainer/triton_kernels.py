@@ -1,8 +1,8 @@
-"""Triton kernels of the training path; their host sides (custom ops, autograd) are trainer.rotary_norm and
-trainer.relu2_mlp.
+"""Triton kernels of the training path; their host sides (custom ops, autograd) are trainer.rotary_norm,
+trainer.relu2_mlp and trainer.softcap_ce.
 
 Imported only through them, where Triton is present. Under TRITON_INTERPRET=1 they run on CPU tensors
-(tests/test_rotary_norm.py, tests/test_relu2_mlp.py)."""
+(tests/test_rotary_norm.py, tests/test_relu2_mlp.py, tests/test_softcap_ce.py)."""
 import triton
 import triton.language as tl
 
@@ -134,3 +134,57 @@ def relu2_matmul_kernel(a_desc, b_desc, c_desc, aux_desc, M, N, K,
             _relu2_epilogue(acc1, aux1, c_desc, off_m, off_n + BN // 2, GRAD)
         else:
             _relu2_epilogue(acc, aux0, c_desc, off_m, off_n, GRAD)
+
+
+@triton.jit
+def _tanh(x, FAST: tl.constexpr):
+    """tanh in fp32: the hardware's tanh.approx (one special-function op, ~2^-11 relative: below the bf16
+    logits' own rounding), or where inline assembly cannot run (the interpreter) 1 - 2 / (e^2x + 1)."""
+    if FAST:
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 - 2.0 / (tl.exp2(x * 2.885390081777927) + 1.0)
+
+
+@triton.jit
+def _softcap_ce_grad(t, cols, target, lse2, k, valid):
+    """d loss / d z = (softmax(s) - onehot(target)) * (1 - t^2) for s = cap * t, t = tanh(z / cap); k * t is
+    s in base 2 and lse2 the row's log2-sum-exp2 of it. Zero outside valid (the vocabulary's padding)."""
+    p = tl.exp2(k * t - lse2)
+    d = (p - tl.where(cols == target, 1.0, 0.0)) * (1.0 - t * t)
+    return tl.where(valid, d, 0.0)
+
+
+@triton.jit
+def softcap_ce_kernel(logits, targets, losses, n_valid, n_cols, inv_cap, k, BLOCK: tl.constexpr,
+                      ONE_PASS: tl.constexpr, FAST_TANH: tl.constexpr):
+    """One row of logits z (rows, n_cols) per program, s = cap * tanh(z / cap) over its first n_valid
+    columns: losses[row] = logsumexp(s) - s[target], and the row is overwritten with d loss / d z (zero in
+    the padding columns). k = cap * log2(e). |s| <= cap keeps every exp(s) finite in fp32, so the sum needs
+    no running max. ONE_PASS (BLOCK >= n_cols): the row stays in registers, one read and one tanh per
+    element; otherwise two reads (the second mostly from L2) and two tanh."""
+    row = tl.program_id(0).to(tl.int64)
+    base = logits + row * n_cols
+    target = tl.load(targets + row)
+    cols = tl.arange(0, BLOCK)
+    t_target = _tanh(tl.load(base + target).to(tl.float32) * inv_cap, FAST_TANH)
+    if ONE_PASS:
+        valid = cols < n_valid
+        t = _tanh(tl.load(base + cols, mask=valid, other=0.0).to(tl.float32) * inv_cap, FAST_TANH)
+        lse2 = tl.log2(tl.sum(tl.where(valid, tl.exp2(k * t), 0.0), axis=0))
+        d = _softcap_ce_grad(t, cols, target, lse2, k, valid)
+        tl.store(base + cols, d.to(logits.dtype.element_ty), mask=cols < n_cols)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n_valid, BLOCK):
+            valid = start + cols < n_valid
+            t = _tanh(tl.load(base + start + cols, mask=valid, other=0.0).to(tl.float32) * inv_cap, FAST_TANH)
+            acc += tl.where(valid, tl.exp2(k * t), 0.0)
+        lse2 = tl.log2(tl.sum(acc, axis=0))
+        for start in range(0, n_cols, BLOCK):
+            valid = start + cols < n_valid
+            t = _tanh(tl.load(base + start + cols, mask=valid, other=0.0).to(tl.float32) * inv_cap, FAST_TANH)
+            d = _softcap_ce_grad(t, start + cols, target, lse2, k, valid)
+            tl.store(base + start + cols, d.to(logits.dtype.element_ty), mask=start + cols < n_cols)
+    tl.store(losses + row, (lse2 - k * t_target) * 0.6931471805599453)
