@@ -70,6 +70,16 @@ def check_loss(B, T, C, vocab, padded, dtype, device, tol, compile=False):
     for name, t, r in zip(("dx", "dw"), got, ref):
         assert t.grad.dtype == dtype and rel(t.grad, r.grad) < 10 * tol, (name, rel(t.grad, r.grad))
     assert (got[0].grad[:, :3] == 0).all()  # no target, no gradient
+
+
+def check_all_ignored(dtype, device):
+    """A micro-batch without a single target (a row of padding): loss 0 and zero gradients, as the plain
+    summed loss gives, not NaN."""
+    x = torch.randn(2, 8, 16).to(dtype).to(device).requires_grad_()
+    w = torch.randn(64, 16).to(dtype).to(device).requires_grad_()
+    loss = softcap_ce.softcap_ce(x, w, torch.full((2, 8), -1, device=device), 60, 15.0)
+    loss.backward()
+    assert loss.item() == 0 and not x.grad.any() and not w.grad.any()
 '''
 
 
@@ -88,6 +98,7 @@ def test_softcap_ce_loss_interpreted():
     _interpreted("""
         check_loss(B=2, T=24, C=32, vocab=300, padded=320, dtype=torch.float32, device="cpu", tol=1e-5)
         check_loss(B=2, T=24, C=32, vocab=256, padded=256, dtype=torch.float32, device="cpu", tol=1e-5, compile=True)
+        check_all_ignored(torch.float32, "cpu")
     """)
 
 
@@ -104,6 +115,7 @@ def test_softcap_ce_on_cuda_at_nanochats_vocabulary():
     for compile in (False, True):
         namespace["check_loss"](B=4, T=256, C=256, vocab=32768, padded=32768, dtype=torch.bfloat16,
                                 device="cuda", tol=1e-2, compile=compile)
+    namespace["check_all_ignored"](torch.bfloat16, "cuda")
 
 
 def test_targets_outside_the_vocabulary_are_refused():
