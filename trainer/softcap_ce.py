@@ -11,8 +11,9 @@ supervised), a d12 step 6.1 % faster and 3.6 GiB smaller in a same-process A/B.
 
 Each direction is a torch.library custom op (opaque to torch.compile, with fake kernels), joined by an
 autograd Function. The forward op reads the number of supervised rows to the host: one synchronisation per
-micro-batch, which is also where an out-of-vocabulary target is caught. trainer.model's LOSS_KERNEL chooses;
-elsewhere (CPU, CI, evaluation) the plain expression runs.
+micro-batch, which is also where an out-of-vocabulary target is caught (and which a CUDA graph could not
+capture: training runs without them). trainer.model's LOSS_KERNEL chooses; elsewhere (CPU, CI, evaluation)
+the plain expression runs.
 """
 from __future__ import annotations
 
