@@ -70,11 +70,11 @@ def _next_pow2(n: int) -> int:
 def _supervised_rows(targets: torch.Tensor, vocab: int) -> tuple[torch.Tensor, int]:
     """The rows with a target, first (in order), then the rest; and how many there are. Targets other than
     the ignore index -1 must be token ids of the vocabulary."""
-    supervised = targets >= 0
+    supervised, outside = targets >= 0, (targets < -1) | (targets >= vocab)
     rows = torch.sort((~supervised).to(torch.int32), stable=True).indices
-    n, bad = torch.stack([supervised.sum(), ((targets < -1) | (targets >= vocab)).sum()]).tolist()
+    n, bad = torch.stack([supervised.sum(), outside.sum()]).tolist()
     if bad:
-        first = int(torch.nonzero((targets < -1) | (targets >= vocab))[0, 0])
+        first = int(torch.nonzero(outside)[0, 0])
         raise ValueError(f"softcap_ce: {bad} targets are neither -1 (ignored) nor a token id below the vocabulary "
                          f"size {vocab}: the first is {int(targets[first])} at flat position {first}")
     return rows, n
