@@ -139,10 +139,11 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
-def profile_split(step_fn, steps: int, top: int) -> tuple[dict, list]:
-    """GPU kernel time per category (matmul / attention / other) over `steps` steps, and the top kernels."""
+def profile_split(step_fn, steps: int, top: int) -> tuple[dict, list, list]:
+    """GPU kernel time per category (matmul / attention / other) over `steps` steps, the top kernels, and the
+    top launching ops (rank_ops): a kernel's name alone does not say which op of the step ran it."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=top > 0) as prof:
         for _ in range(steps):
             step_fn()
         torch.cuda.synchronize()
@@ -154,7 +155,17 @@ def profile_split(step_fn, steps: int, top: int) -> tuple[dict, list]:
     for kname, ms in per_kernel.items():
         split[kernel_category(kname)] += ms
     ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]
-    return split, ranked
+    return split, ranked, rank_ops(prof, steps, top) if top else []
+
+
+def rank_ops(prof, steps: int, top: int, device: bool = True) -> list[tuple[str, str, float]]:
+    """The ops whose own kernels took the most time, per input shapes: (op, shapes, ms per step). Ops compiled
+    into an inductor graph show as the graph's kernels; eager ops (a custom op's body, AccumulateGrad, a
+    library's autograd) as aten::... with the shapes that locate them. device=False ranks CPU time instead."""
+    attr = "self_device_time_total" if device else "self_cpu_time_total"
+    rows = [(ev.key, str(ev.input_shapes), getattr(ev, attr) / 1e3 / steps)
+            for ev in prof.key_averages(group_by_input_shape=True) if getattr(ev, attr) > 0]
+    return sorted(rows, key=lambda r: -r[2])[:top]
 
 
 def time_phases(fwd_bwd, opt_step, n: int) -> tuple[float, float]:
@@ -237,11 +248,11 @@ def bench_config(name: str, reader: SplitReader, args, device, rank: int = 0, wo
            "spread_loader": (max(a) - min(a)) / dt_loader, "ms_fwd_bwd": ms_fb, "ms_opt": ms_opt,
            "ms_per_micro": 1e3 * dt_loader / accum, "settings": current_settings()}
     if args.profile and world == 1:
-        split, ranked = profile_split(resident_step, 3, args.top)
+        split, ranked, ops = profile_split(resident_step, 3, args.top)
         res.update({f"ms_{k}": v for k, v in split.items()})
-        res["top_kernels"] = ranked
+        res["top_kernels"], res["top_ops"] = ranked, ops
         forward_backward(step_model, resident, accum, world, "token")  # grads for the optimizer alone
-        opt_split, opt_ranked = profile_split(opt.step, 3, args.top)
+        opt_split, opt_ranked, _ = profile_split(opt.step, 3, args.top)
         res["ms_opt_gpu"] = sum(opt_split.values())
         res["opt_top_kernels"] = opt_ranked
         model.zero_grad(set_to_none=True)
@@ -397,12 +408,16 @@ def main() -> int:
                 continue
             results.append(r)
             print0(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
-                            if not k.endswith("top_kernels")), flush=True)
+                            if not k.startswith(("top_", "opt_top_"))), flush=True)
             for title, key in (("step", "top_kernels"), ("optimizer step alone", "opt_top_kernels")):
                 if r.get(key):
                     print(f"  top kernels, {title}:")
                 for kname, ms in r.get(key, []):
                     print(f"    {ms:8.2f} ms  {kernel_category(kname):9s} {kname[:110]}")
+            if r.get("top_ops"):
+                print("  top ops by their own GPU time, step (op, input shapes):")
+            for op, shapes, ms in r.get("top_ops", []):
+                print(f"    {ms:8.2f} ms  {op[:60]:60s} {shapes[:150]}")
     if rank == 0:
         print_table(results)
         if args.json:

@@ -60,3 +60,24 @@ def test_synthetic_snapshot_is_a_readable_split(bench, tmp_path):
     reader.gather(np.array([0, 1099]), tokens, mask)
     assert reader.meta.max_seq_len == 64 and 0 < int(tokens.max()) < 512 - 9
     assert mask[:, 0].sum() == 0 and 0 < mask.mean() < 1
+
+
+def test_rank_ops_names_the_op_and_shapes_behind_the_time(bench):
+    """--profile's op table: the launching op with its input shapes, heaviest first, per step (here on CPU
+    time: the GPU's is ranked the same way)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    a, b = torch.randn(512, 1024), torch.randn(1024, 512).t()  # a strided operand, as a fallback kernel gets
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(2):
+            for _ in range(20):
+                a * b
+            torch.add(a[:4], 1.0)
+    ops = bench.rank_ops(prof, steps=2, top=50, device=False)
+    names = [op for op, _, _ in ops]
+    assert "aten::mul" in names and "aten::add" in names
+    assert [ms for _, _, ms in ops] == sorted((ms for _, _, ms in ops), reverse=True)
+    mul = next(r for r in ops if r[0] == "aten::mul")
+    add = next(r for r in ops if r[0] == "aten::add")
+    assert mul[1] == "[[512, 1024], [512, 1024]]" and mul[2] > add[2] > 0
+    assert bench.rank_ops(prof, steps=2, top=50, device=True) == []  # a CPU-only profile has no GPU time
