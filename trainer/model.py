@@ -4,7 +4,8 @@ with gates, smear, x0/residual lambdas, backout, softcapped logits over a vocab 
 Attention: FlexAttention on CUDA while training (windows and packed-document masks as block masks),
 with cuDNN's causal kernel (full windows) and diagonal band (short windows) taking over on Hopper where they
 apply, SDPA elsewhere (explicit boolean mask); rotary + QK norm as Triton kernels in training on CUDA
-(trainer.rotary_norm), and on Hopper the MLP's relu^2 fused into its GEMMs (trainer.relu2_mlp).
+(trainer.rotary_norm), and on Hopper the MLP's relu^2 fused into its GEMMs (trainer.relu2_mlp) and the
+loss computed over the supervised rows only (trainer.softcap_ce).
 Optionally, `doc_ids` (B, T) keeps packed documents apart."""
 from __future__ import annotations
 
@@ -77,71 +78,58 @@ def causal_sdpa_backend(device: torch.device, dtype: torch.dtype) -> SDPBackend 
     return _SDPA_BACKENDS[choice]
 
 
-def window_band(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether short-window training layers run as cuDNN's band (WINDOW_BACKEND resolved for the device)."""
-    choice = WINDOW_BACKEND
-    if choice not in ("auto", "cudnn", None):
-        raise ValueError(f"WINDOW_BACKEND={choice!r}: expected 'cudnn', 'auto' or None")
-    if choice is None or dtype not in (torch.bfloat16, torch.float16) or device.type != "cuda":
+def _kernel_choice(setting: str, choice: str | None, explicit: str, device: torch.device, dtype: torch.dtype,
+                   module, needs: str, hopper_only: bool = True) -> bool:
+    """One training-path kernel setting resolved: `choice` (the value of this module's `setting`) is "auto",
+    `explicit` or None. None, a CPU or an fp32 model: the plain path. "auto": wherever `module` (its
+    available() / load_error()) loads, on Hopper only when hopper_only (where it was measured). `explicit`:
+    where it loads, else an error naming what it needs. A shape the kernel cannot take is the caller's check."""
+    if choice not in ("auto", explicit, None):
+        raise ValueError(f"{setting}={choice!r}: expected {explicit!r}, 'auto' or None")
+    if choice is None or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return False
     if choice == "auto":
-        return cudnn_window.available() and _hopper(device)
-    if not cudnn_window.available():
-        raise RuntimeError(f"WINDOW_BACKEND='cudnn' needs the cuDNN frontend (pip install '.[cuda]'): "
-                           f"{cudnn_window.load_error()}")
+        return module.available() and (not hopper_only or _hopper(device))
+    if not module.available():
+        raise RuntimeError(f"{setting}={explicit!r} needs {needs}: {module.load_error()}")
     return True
+
+
+def window_band(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether short-window training layers run as cuDNN's band (WINDOW_BACKEND resolved for the device)."""
+    return _kernel_choice("WINDOW_BACKEND", WINDOW_BACKEND, "cudnn", device, dtype, cudnn_window,
+                          "the cuDNN frontend (pip install '.[cuda]')")
 
 
 def rotary_norm_kernel(device: torch.device, dtype: torch.dtype, head_dim: int = 128) -> bool:
     """Whether training runs trainer.rotary_norm's Triton kernels (ROTARY_NORM_KERNEL resolved). They take
     power-of-two head dims only (nanochat's are 128): other models keep the plain expression."""
-    choice = ROTARY_NORM_KERNEL
-    if choice not in ("auto", "triton", None):
-        raise ValueError(f"ROTARY_NORM_KERNEL={choice!r}: expected 'triton', 'auto' or None")
-    if choice is None or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+    if not _kernel_choice("ROTARY_NORM_KERNEL", ROTARY_NORM_KERNEL, "triton", device, dtype, rotary_norm, "Triton",
+                          hopper_only=False):
         return False
     if head_dim & (head_dim - 1):
-        if choice == "triton":
+        if ROTARY_NORM_KERNEL == "triton":
             raise ValueError(f"ROTARY_NORM_KERNEL='triton' takes power-of-two head dims, not {head_dim}")
         return False
-    if choice == "auto":
-        return rotary_norm.available()
-    if not rotary_norm.available():
-        raise RuntimeError(f"ROTARY_NORM_KERNEL='triton' needs Triton: {rotary_norm.load_error()}")
     return True
 
 
 def loss_kernel(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the training loss runs trainer.softcap_ce (LOSS_KERNEL resolved)."""
-    choice = LOSS_KERNEL
-    if choice not in ("auto", "triton", None):
-        raise ValueError(f"LOSS_KERNEL={choice!r}: expected 'triton', 'auto' or None")
-    if choice is None or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
-        return False
-    if choice == "auto":
-        return _hopper(device) and softcap_ce.available()
-    if not softcap_ce.available():
-        raise RuntimeError(f"LOSS_KERNEL='triton' needs Triton: {softcap_ce.load_error()}")
-    return True
+    return _kernel_choice("LOSS_KERNEL", LOSS_KERNEL, "triton", device, dtype, softcap_ce, "Triton")
 
 
 def mlp_kernel(device: torch.device, dtype: torch.dtype, width: int) -> bool:
     """Whether the training MLP runs trainer.relu2_mlp's fused GEMMs (MLP_KERNEL resolved): TMA needs
     Hopper or later and 16-byte aligned rows."""
-    choice = MLP_KERNEL
-    if choice not in ("auto", "triton", None):
-        raise ValueError(f"MLP_KERNEL={choice!r}: expected 'triton', 'auto' or None")
-    if choice is None or device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+    if not _kernel_choice("MLP_KERNEL", MLP_KERNEL, "triton", device, dtype, relu2_mlp, "Triton with TMA descriptors"):
         return False
-    fits = width % 8 == 0 and torch.cuda.get_device_capability(device)[0] >= 9
-    if choice == "auto":
-        return fits and _hopper(device) and relu2_mlp.available()
-    if not relu2_mlp.available():
-        raise RuntimeError(f"MLP_KERNEL='triton' needs Triton with TMA descriptors: {relu2_mlp.load_error()}")
-    if not fits:
+    if width % 8 == 0 and torch.cuda.get_device_capability(device)[0] >= 9:
+        return True
+    if MLP_KERNEL == "triton":
         raise RuntimeError(f"MLP_KERNEL='triton' needs SM 9.0 or later and a width divisible by 8 (got {width} "
                            f"on SM {'.'.join(map(str, torch.cuda.get_device_capability(device)))})")
-    return True
+    return False
 
 
 @dataclass(frozen=True)
