@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cuda_timing import interleaved, peak_gib  # noqa: E402
+from bench.cuda_timing import errors_and_peaks, fwd_bwd, interleaved  # noqa: E402
 from trainer import relu2_mlp  # noqa: E402
 
 DEFAULT_CONFIGS = "128:256:64:3:8:1:0,128:256:64:4:8:1:0,128:256:64:3:8:1:1,128:256:64:4:8:1:1,128:128:64:4:8:0:0"
@@ -36,10 +36,6 @@ def parse_config(text: str) -> relu2_mlp.GemmConfig:
 
 def plain_mlp(x, w_fc, w_proj):
     return F.linear(F.relu(F.linear(x, w_fc)).square(), w_proj)
-
-
-def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a.float() - ref).norm() / ref.norm()).item()
 
 
 def bench_width(C: int, tokens: int, configs: list[str], rounds: int, iters: int) -> None:
@@ -77,22 +73,8 @@ def bench_width(C: int, tokens: int, configs: list[str], rounds: int, iters: int
     ref_out.backward(g.float())
     compiled = torch.compile(plain_mlp, dynamic=False)
     candidates = {"plain, compiled": compiled, "relu2_mlp": relu2_mlp.relu2_mlp}
-    errors, peaks = {}, {}
-
-    def fwd_bwd(fn):
-        def run():
-            for t in leaves:
-                t.grad = None
-            out = fn(*leaves)
-            out.backward(g)
-            return out
-        return run
-
-    runs = {name: fwd_bwd(fn) for name, fn in candidates.items()}
-    for name, run in runs.items():
-        out = run()
-        errors[name] = [rel(out, ref_out)] + [rel(t.grad, r.grad) for t, r in zip(leaves, ref_leaves)]
-        peaks[name] = peak_gib(run)
+    runs = {name: fwd_bwd(fn, leaves, grad=g) for name, fn in candidates.items()}
+    errors, peaks = errors_and_peaks(runs, leaves, ref_out, ref_leaves)
     print("| MLP fwd+bwd | ms | peak GiB above inputs | rel. error from fp32: out, dx, dw_fc, dw_proj |")
     print("|---|---|---|---|")
     for name, ms in interleaved(runs, rounds, iters).items():

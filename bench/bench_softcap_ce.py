@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cuda_timing import interleaved, peak_gib  # noqa: E402
+from bench.cuda_timing import errors_and_peaks, fwd_bwd, interleaved  # noqa: E402
 from trainer import softcap_ce  # noqa: E402
 
 CAP = 15.0
@@ -33,10 +33,6 @@ def plain_loss(x, w, targets, vocab):
     logits = F.linear(x, w)[..., :vocab].float()
     logits = CAP * torch.tanh(logits / CAP)
     return F.cross_entropy(logits.view(-1, vocab), targets, ignore_index=-1, reduction="sum")
-
-
-def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a.float() - ref).norm() / ref.norm()).item()
 
 
 def bench_kernel(n: int, vocab: int, configs: list[str], rounds: int, iters: int) -> None:
@@ -64,33 +60,20 @@ def bench_loss(C: int, tokens: int, vocab: int, supervised: float, rounds: int, 
     ref_leaves = [t.float().requires_grad_() for t in (x, w)]
     ref_loss = plain_loss(*ref_leaves, targets, vocab)
     ref_loss.backward()
+
     def fused_loss(x, w, targets, vocab):
         return softcap_ce.softcap_ce(x, w, targets, vocab, CAP)
 
     candidates = {"plain, compiled": torch.compile(plain_loss, dynamic=False), "softcap_ce": fused_loss,
                   "softcap_ce, compiled": torch.compile(fused_loss, dynamic=False)}
 
-    def fwd_bwd(fn):
-        def run():
-            for t in leaves:
-                t.grad = None
-            loss = fn(*leaves, targets, vocab)
-            loss.backward()
-            return loss
-        return run
-
     g = torch.randn(tokens, vocab, device="cuda").bfloat16()
 
     def gemms():  # lm_head over every row: forward, d x, d w
         x @ w.t(), g @ w, g.t() @ x
 
-    runs = {name: fwd_bwd(fn) for name, fn in candidates.items()}
-    errors, peaks = {}, {}
-    for name, run in runs.items():
-        loss = run()
-        errors[name] = [abs(loss.item() - ref_loss.item()) / ref_loss.item()] + \
-            [rel(t.grad, r.grad) for t, r in zip(leaves, ref_leaves)]
-        peaks[name] = peak_gib(run)
+    runs = {name: fwd_bwd(fn, leaves, targets, vocab) for name, fn in candidates.items()}
+    errors, peaks = errors_and_peaks(runs, leaves, ref_loss, ref_leaves)
     runs["lm_head's 3 GEMMs, every row"] = gemms
     print(f"\n## C = {C}, {tokens} tokens, {supervised:.0%} with a target, vocab {vocab}")
     print("| loss fwd+bwd | ms | peak GiB above inputs | rel. error from fp32: loss, dx, dw |")

@@ -1,5 +1,6 @@
 """CUDA-event timing shared by the kernel benchmarks: candidates interleaved round by round (the card's clock
-drifts under its power cap), medians of event times, and peak memory above what is already allocated."""
+drifts under its power cap), medians of event times, and peak memory above what is already allocated; plus
+the forward + backward closure they time and its error from an fp32 run."""
 from __future__ import annotations
 
 import statistics
@@ -39,3 +40,31 @@ def peak_gib(fn: Callable[[], object]) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def fwd_bwd(fn: Callable, leaves: list[torch.Tensor], *args, grad: torch.Tensor | None = None) -> Callable[[], torch.Tensor]:
+    """A call of fn(*leaves, *args) and its backward (with `grad`, or none for a scalar), the leaves' gradients
+    cleared first; it returns fn's output."""
+    def run():
+        for t in leaves:
+            t.grad = None
+        out = fn(*leaves, *args)
+        out.backward(grad)
+        return out
+    return run
+
+
+def rel_error(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.float() - ref).norm() / ref.norm()).item()
+
+
+def errors_and_peaks(runs: dict[str, Callable[[], torch.Tensor]], leaves: list[torch.Tensor], ref_out: torch.Tensor,
+                     ref_leaves: list[torch.Tensor]) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Per fwd_bwd run: its output's and each leaf gradient's relative error from the fp32 run (ref_out,
+    ref_leaves' gradients), and its peak GiB above the inputs."""
+    errors, peaks = {}, {}
+    for name, run in runs.items():
+        out = run()
+        errors[name] = [rel_error(out, ref_out)] + [rel_error(t.grad, r.grad) for t, r in zip(leaves, ref_leaves)]
+        peaks[name] = peak_gib(run)
+    return errors, peaks
