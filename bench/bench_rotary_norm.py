@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cuda_timing import interleaved, peak_gib  # noqa: E402
+from bench.cuda_timing import fwd_bwd, interleaved, peak_gib  # noqa: E402
 from trainer import rotary_norm  # noqa: E402
 from trainer.model import QK_SCALE, apply_rotary, norm, rotary_tables  # noqa: E402
 
@@ -47,20 +47,14 @@ def main() -> int:
     def plain(t):
         return norm(apply_rotary(t, cos, sin)) * QK_SCALE
 
-    def fwd_bwd(fn):
-        def run():
-            x.grad = None
-            fn(x).backward(dy)
-        return run
-
     def kernels(rows: int, warps: int):
         def run():
             y, inv = rotary_norm.rotary_norm_forward(x, c2, s2, QK_SCALE, rows=rows, num_warps=warps)
             rotary_norm.rotary_norm_backward(dy, y, inv, c2, s2, QK_SCALE, rows=rows, num_warps=warps)
         return run
 
-    candidates = {"plain, compiled": fwd_bwd(torch.compile(plain, dynamic=False)),
-                  "rotary_norm": fwd_bwd(lambda t: rotary_norm.rotary_norm(t, c2, s2, QK_SCALE))}
+    candidates = {"plain, compiled": fwd_bwd(torch.compile(plain, dynamic=False), [x], grad=dy),
+                  "rotary_norm": fwd_bwd(lambda t: rotary_norm.rotary_norm(t, c2, s2, QK_SCALE), [x], grad=dy)}
     for cfg in args.configs.split(","):
         rows, warps = (int(v) for v in cfg.split(":"))
         candidates[f"kernels ROWS={rows} warps={warps}"] = kernels(rows, warps)
