@@ -2,6 +2,7 @@
 checked against a plain re-statement of the spec (nanochat-reference §6) with per-query attention."""
 from __future__ import annotations
 
+import importlib
 import io
 import math
 
@@ -792,3 +793,37 @@ def test_engine_with_cuda_graphs_matches_plain_decoding_fp32(monkeypatch):
     assert graphed._kept is not None and graphed._kept[2].graph is not None
     solo = [plain.generate(p, max_tokens=40) for p in prompts]
     assert [graphed.generate(p, max_tokens=40) for p in prompts] == solo
+
+
+def test_kernel_choices_trace_without_graph_breaks(monkeypatch):
+    """The four training-path choices are resolved inside the compiled forward, the MLP's once per layer. An
+    import there (each module's load_error) broke the graph at each call, and a break in the layer loop ran the
+    loop's own ops eagerly: on an H200, 6 ms of unvectorised scalar multiplies per d12 micro-batch and no fusion
+    across blocks (bench/RESULTS.md, step 7). Whatever imports here, the choices must trace as constants."""
+    from types import SimpleNamespace
+    from trainer import common
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # a Hopper card
+
+    def import_module_as_torch_2_11(name):  # whose Dynamo cannot trace importlib (it skips _gcd_import)
+        torch._dynamo.graph_break()
+        return importlib.import_module(name)
+
+    monkeypatch.setattr(common, "importlib", SimpleNamespace(import_module=import_module_as_torch_2_11))
+    cuda = torch.device("cuda")
+
+    choices = (lambda: model_module.window_band(cuda, torch.bfloat16),
+               lambda: model_module.loss_kernel(cuda, torch.bfloat16),
+               lambda: model_module.rotary_norm_kernel(cuda, torch.bfloat16),
+               lambda: model_module.mlp_kernel(cuda, torch.bfloat16, 768),
+               lambda: import_error("json") is None, lambda: import_error("no_such_module_here") is None)
+
+    def choose(x):  # a tensor op on each side of each choice, as in the forward: a break there splits the graph
+        for resolve in choices:
+            x = x * 2
+            if resolve():
+                x = x + 1
+        return x * 2
+
+    torch._dynamo.reset()
+    expected = choose(torch.zeros(2))
+    assert torch.equal(torch.compile(choose, fullgraph=True, backend="eager")(torch.zeros(2)), expected)  # no break

@@ -88,9 +88,14 @@ def get_peak_flops(device_name: str) -> float:
     return float("inf")
 
 
+@torch.compiler.assume_constant_result
 def import_error(*modules: str) -> str | None:
     """None when every module imports (Triton kernels, an optional extra); else why not, for the caller's
-    error message. Any exception counts: a broken install fails at import too."""
+    error message. Any exception counts: a broken install fails at import too.
+
+    A constant to torch.compile: the kernel choices ask this inside the compiled forward, the MLP's in every
+    layer, and torch 2.11's Dynamo breaks the graph at an import. A break in the layer loop ran the loop's own
+    ops eagerly (bench/RESULTS.md, step 7)."""
     for name in modules:
         try:
             importlib.import_module(name)
