@@ -139,23 +139,30 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
-def profile_split(step_fn, steps: int, top: int) -> tuple[dict, list, list]:
-    """GPU kernel time per category (matmul / attention / other) over `steps` steps, the top kernels, and the
-    top launching ops (rank_ops): a kernel's name alone does not say which op of the step ran it."""
+def profile_split(step_fn, steps: int, top: int) -> tuple[dict, int, list, list]:
+    """GPU kernel time per category (matmul / attention / other) over `steps` steps and the number of distinct
+    compiled graphs run, the top kernels, and the top launching ops (rank_ops): a kernel's name alone does not
+    say which op of the step ran it."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=top > 0) as prof:
+    gpu = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities, record_shapes=top > 0) as prof:
         for _ in range(steps):
             step_fn()
-        torch.cuda.synchronize()
+        if gpu:
+            torch.cuda.synchronize()
     per_kernel: dict[str, float] = {}
+    graphs = set()
     for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
+        if ev.name.startswith("## Call CompiledFxGraph"):  # a GPU-side span over a graph's kernels, not one
+            graphs.add(ev.name)
+        elif ev.device_type == torch.autograd.DeviceType.CUDA:
             per_kernel[ev.name] = per_kernel.get(ev.name, 0.0) + ev.device_time / 1e3 / steps  # ms per step
     split = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     for kname, ms in per_kernel.items():
         split[kernel_category(kname)] += ms
     ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]
-    return split, ranked, rank_ops(prof, steps, top) if top else []
+    return split, len(graphs), ranked, rank_ops(prof, steps, top) if top else []
 
 
 def rank_ops(prof, steps: int, top: int, device: bool = True) -> list[tuple[str, str, float]]:
@@ -248,11 +255,12 @@ def bench_config(name: str, reader: SplitReader, args, device, rank: int = 0, wo
            "spread_loader": (max(a) - min(a)) / dt_loader, "ms_fwd_bwd": ms_fb, "ms_opt": ms_opt,
            "ms_per_micro": 1e3 * dt_loader / accum, "settings": current_settings()}
     if args.profile and world == 1:
-        split, ranked, ops = profile_split(resident_step, 3, args.top)
+        split, graphs, ranked, ops = profile_split(resident_step, 3, args.top)
         res.update({f"ms_{k}": v for k, v in split.items()})
+        res["graphs"] = graphs  # a forward and a backward graph per compiled region: more means graph breaks
         res["top_kernels"], res["top_ops"] = ranked, ops
         forward_backward(step_model, resident, accum, world, "token")  # grads for the optimizer alone
-        opt_split, opt_ranked, _ = profile_split(opt.step, 3, args.top)
+        opt_split, _, opt_ranked, _ = profile_split(opt.step, 3, args.top)
         res["ms_opt_gpu"] = sum(opt_split.values())
         res["opt_top_kernels"] = opt_ranked
         model.zero_grad(set_to_none=True)

@@ -81,3 +81,27 @@ def test_rank_ops_names_the_op_and_shapes_behind_the_time(bench):
     add = next(r for r in ops if r[0] == "aten::add")
     assert mul[1] == "[[512, 1024], [512, 1024]]" and mul[2] > add[2] > 0
     assert bench.rank_ops(prof, steps=2, top=50, device=True) == []  # a CPU-only profile has no GPU time
+
+
+def test_profile_split_counts_the_compiled_graphs_run(bench):
+    """--profile's graph count: a graph break is one more compiled graph per step (step 7's breaks in the layer
+    loop showed as 24 graphs against 13); the graphs' own spans are not counted as kernel time."""
+    import torch
+
+    def whole(x):
+        return (x * 2).sin() + 1
+
+    def broken(x):
+        x = (x * 2).sin()
+        torch._dynamo.graph_break()
+        return x + 1
+
+    x = torch.randn(64)
+    for fn, graphs in ((whole, 1), (broken, 2)):
+        torch._dynamo.reset()
+        compiled = torch.compile(fn)
+        compiled(x)
+        split, n, ranked, ops = bench.profile_split(lambda: compiled(x), steps=2, top=3)
+        assert n == graphs, fn.__name__
+        assert split == {"matmul": 0.0, "attention": 0.0, "other": 0.0} and ranked == []  # no GPU here
+        assert ops == []  # ranked by GPU time, of which a CPU run has none
