@@ -126,8 +126,9 @@ def time_steps(fn, n: int) -> list[float]:
 
 
 MATMUL_KEYS = ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "wgmma", "triton_tem_fused_mm",
-               "triton_tem_fused_addmm", "triton_tem_fused_bmm")
-ATTENTION_KEYS = ("flex", "attention", "fmha", "flash")
+               "triton_tem_fused_addmm", "triton_tem_fused_bmm", "relu2_matmul_kernel")
+# cuDNN's attention backward runs two helpers beside its main kernel: rowsum(dO * O) and dQ's fp32 -> 16-bit
+ATTENTION_KEYS = ("flex", "attention", "fmha", "flash", "compute_dot_do_o", "convert_dq_to_16bits")
 
 
 def kernel_category(name: str) -> str:

@@ -105,3 +105,15 @@ def test_profile_split_counts_the_compiled_graphs_run(bench):
         assert n == graphs, fn.__name__
         assert split == {"matmul": 0.0, "attention": 0.0, "other": 0.0} and ranked == []  # no GPU here
         assert ops == []  # ranked by GPU time, of which a CPU run has none
+
+
+def test_kernel_category_of_the_step_kernels(bench):
+    """The split's buckets for kernels of a measured d12 step (bench/RESULTS.md, step 7): the fused MLP GEMM is
+    a matmul, cuDNN's attention-backward helpers are attention, the fused elementwise kernels are other."""
+    cases = {"relu2_matmul_kernel": "matmul", "nvjet_sm90_tst_192x192_64x3_1x2_h_bz_coopB_splitK_NTN": "matmul",
+             "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x128": "attention",
+             "void cudnn::fusion::compute_dot_do_o_specialized<true, 128>(void const*, void const*)": "attention",
+             "void cudnn::fusion::convert_dq_to_16bits<true>(void const*, void*, unsigned int)": "attention",
+             "rotary_norm_bwd_kernel": "other", "softcap_ce_kernel": "other",
+             "triton_poi_fused__unsafe_view_add_embedding_mul_sigmoid_unsqueeze_view_6": "other"}
+    assert {name: bench.kernel_category(name) for name in cases} == cases
