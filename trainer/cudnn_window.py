@@ -25,6 +25,7 @@ def load_error() -> str | None:
     return import_error("cudnn.sdpa.fwd.torch_op")  # registers torch.ops.cudnn.sdpa_fwd (autograd + fake)
 
 
+@torch.compiler.assume_constant_result  # asked inside the compiled forward: a constant, not traced
 def available() -> bool:
     return load_error() is None
 

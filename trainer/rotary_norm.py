@@ -26,6 +26,7 @@ def load_error() -> str | None:
     return import_error("trainer.triton_kernels")
 
 
+@torch.compiler.assume_constant_result  # asked inside the compiled forward: a constant, not traced
 def available() -> bool:
     return load_error() is None
 
