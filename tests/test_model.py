@@ -833,3 +833,18 @@ def test_kernel_choices_trace_without_graph_breaks(monkeypatch):
     assert torch.equal(compiled, expected)
     # nor traced through the modules' cached load_error (Dynamo warns it ignores the cache, in every run's log)
     assert not [str(w.message) for w in caught if "lru_cache" in str(w.message)]
+
+
+@pytest.mark.parametrize("docs", [False, True])
+def test_training_forward_is_one_compiled_graph(docs):
+    """A graph break in the training forward runs the layer loop's own ops eagerly (bench/RESULTS.md, step 7).
+    On the CPU the dense model's loss, with or without document ids, traces as one graph (on CUDA, block_masks
+    is the one deliberate break, before the loop)."""
+    model = randomize(build()).train()
+    idx = torch.randint(0, TINY["vocab_size"], (2, 32))
+    targets = torch.where(torch.rand(2, 32) < 0.6, idx.roll(-1, 1), -1)
+    doc_ids = (torch.arange(32) >= 20).long().expand(2, 32) if docs else None
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")  # raises at a break
+    torch.testing.assert_close(compiled(idx, targets, loss_reduction="sum", doc_ids=doc_ids),
+                               model(idx, targets, loss_reduction="sum", doc_ids=doc_ids))
