@@ -258,7 +258,7 @@ def bench_config(name: str, reader: SplitReader, args, device, rank: int = 0, wo
     if args.profile and world == 1:
         split, graphs, ranked, ops = profile_split(resident_step, 3, args.top)
         res.update({f"ms_{k}": v for k, v in split.items()})
-        res["graphs"] = graphs  # a forward and a backward graph per compiled region: more means graph breaks
+        res["graphs"] = graphs  # forward, backward and optimizer graphs: 13 for d12/d20; more means graph breaks
         res["top_kernels"], res["top_ops"] = ranked, ops
         forward_backward(step_model, resident, accum, world, "token")  # grads for the optimizer alone
         opt_split, _, opt_ranked, _ = profile_split(opt.step, 3, args.top)
