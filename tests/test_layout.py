@@ -131,6 +131,48 @@ def test_overwrite_replaces_only_the_previous_runs_files(tmp_path, capsys):
     claim_output(tmp_path / "nowhere", fresh, master=True, ddp=False)
 
 
+
+def _claim_worker(rank: int, tmp: str, case: str) -> None:
+    """Two gloo ranks claim one output folder. "late": rank 1 looks 0.5 s after rank 0, who writes its
+    metrics.jsonl as soon as its claim returns. "split": each rank has its own folder (nodes without a shared
+    file system) and only rank 1's holds a run."""
+    import datetime
+    import time
+    from types import SimpleNamespace
+    import torch.distributed as dist
+    from trainer.train import TrainError, claim_output
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    out = Path(tmp) / (f"rank{rank}" if case == "split" else "shared")
+    try:
+        if case == "late" and rank == 1:
+            time.sleep(0.5)
+        claim_output(out, SimpleNamespace(resume=False, overwrite=False), master=rank == 0, ddp=True)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.jsonl").write_text("{}\n")
+        verdict = "claimed"
+    except TrainError as e:
+        verdict = f"refused: {e}"
+    finally:
+        dist.destroy_process_group()
+    Path(tmp, f"verdict{rank}").write_text(verdict)
+
+
+@pytest.mark.parametrize("case", ["late", "split"])
+def test_ranks_claim_the_output_together(tmp_path, case):
+    import torch.multiprocessing as mp
+    if case == "split":
+        (tmp_path / "rank1").mkdir()
+        (tmp_path / "rank1" / "model_000003.pt").write_text("x")
+    mp.spawn(_claim_worker, args=(str(tmp_path), case), nprocs=2, join=True)
+    verdicts = [(tmp_path / f"verdict{r}").read_text() for r in (0, 1)]
+    if case == "late":  # rank 0's own new metrics file is no other run
+        assert verdicts == ["claimed", "claimed"]
+    else:  # both stop, neither waits for the other at the next collective
+        assert verdicts[0].startswith("refused") and "files that another rank sees" in verdicts[0]
+        assert verdicts[1].startswith("refused") and "1 files, e.g. model_000003.pt" in verdicts[1]
+
 def test_layout_paths_and_stale_temps(tmp_path):
     assert owned_dir(tmp_path) == tmp_path / "nanosft" and demo_dir(tmp_path) == tmp_path / "nanosft" / "demo"
     assert data_dir_of(tmp_path / "x" / "snap") is None

@@ -33,7 +33,7 @@ from pipeline.shard_format import SplitReader
 from pipeline.tokenizer import load_tokenizer
 from trainer.checkpoint import (PHASE_DIRS, CheckpointError, base_dir, build_model, find_last_step, find_model_tag,
                                 load_meta, load_model_state, load_optim_state, save_checkpoint)
-from trainer.common import dist_info, get_peak_flops, init_distributed, print0
+from trainer.common import DeviceError, dist_info, get_peak_flops, init_distributed, print0
 from trainer.config import GPTConfig
 from trainer.data import RowSchedule, StepBatch, StepLoader, val_batches
 from trainer.model import GPT
@@ -203,18 +203,27 @@ def run_files(out_dir: Path) -> list[Path]:
     return sorted(p for p in out_dir.iterdir() if RUN_FILE.fullmatch(p.name)) if out_dir.is_dir() else []
 
 
-def claim_output(out_dir: Path, args, master: bool, ddp: bool) -> None:
+def claim_output(out_dir: Path, args, master: bool, ddp: bool, device: torch.device | None = None) -> None:
     """A fresh run writes new files only: another run's checkpoints or metrics in its folder stop it, unless
     it continues that run (--resume) or the user asks to replace it (--overwrite: that run's files go first,
-    so no stale step is left for nanochat's loader, which takes the largest)."""
+    so no stale step is left for nanochat's loader, which takes the largest).
+
+    Under DDP every rank looks before any rank goes on (rank 0 writes metrics.jsonl soon after; a late rank
+    would take it for another run's), and the ranks refuse together when any of them saw a run."""
     if args.resume and args.overwrite:
         raise TrainError(f"--resume continues the run in {out_dir}, --overwrite replaces it: pass one of them")
     found = run_files(out_dir)
     if args.resume:
         return
-    if found and not args.overwrite:
-        raise TrainError(f"{out_dir} already holds a run ({len(found)} files, e.g. {found[-1].name}): continue it "
-                         "with --resume, start another beside it with --out-tag NAME, or replace it with --overwrite")
+    taken = bool(found) and not args.overwrite
+    if ddp:
+        flag = torch.tensor([int(taken)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        taken = bool(flag.item())
+    if taken:
+        seen = f"{len(found)} files, e.g. {found[-1].name}" if found else "files that another rank sees"
+        raise TrainError(f"{out_dir} already holds a run ({seen}): continue it with --resume, start another "
+                         "beside it with --out-tag NAME, or replace it with --overwrite")
     if args.overwrite:
         if master:
             for p in found:
@@ -258,7 +267,7 @@ def optimizer_step(model: GPT, optimizer, lr_mult: float, momentum: float) -> No
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli(lambda: train(args), errors=(TrainError, CheckpointError),
+    return run_cli(lambda: train(args), errors=(TrainError, CheckpointError, DeviceError),
                    interrupted="interrupted; nothing was published after the last saved checkpoint")
 
 
@@ -299,7 +308,7 @@ def train(args) -> int:
     out_dir = base_dir(args.data_dir) / PHASE_DIRS["sft"] / (args.out_tag or tag)
     if master:
         check_writable(out_dir)  # now, not at the first save after an hour of training
-    claim_output(out_dir, args, master, ddp)
+    claim_output(out_dir, args, master, ddp, device)
     print0(f"output: {out_dir} ({'--resume' if args.resume else '--out-tag' if args.out_tag else 'the model tag'})")
     start_step, loop = 0, {"smooth_loss": 0.0, "best_val_bpb": None, "total_time": 0.0}
     if args.resume:
