@@ -2,6 +2,8 @@
 # DDP parity on 2 GPUs: 2 ranks x accumulation 1 vs 1 rank x accumulation 2 at the same total batch
 # must give the same per-step losses (within bf16 tolerance): design §7's world-size-independent rows.
 #   bash bench/ddp_parity.sh [DATA_DIR] [STEPS]
+# On a machine with one GPU, NANOSFT_SHARE_GPUS=1 bash bench/ddp_parity.sh puts both ranks on it over gloo:
+# that checks the 2-rank path's CUDA numerics (kernels, loss normalisation, optimizer shards), not NCCL or speed.
 set -euo pipefail
 DATA=${1:-data}; STEPS=${2:-30}; PY=${PYTHON:-python3}
 COMMON="--data-dir $DATA --init scratch --depth 4 --num-iterations $STEPS --device-batch-size 8 \

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.common import compute_dtype, dist_info, get_peak_flops, import_error
+from trainer.common import DeviceError, compute_dtype, cuda_rank_device, dist_info, get_peak_flops, import_error
 from trainer.config import GPTConfig
 import trainer.model as model_module
 from trainer.model import GPT, attend, attention_mask, block_masks, window_sizes
@@ -89,6 +89,16 @@ def test_compute_dtype_and_dist_info(monkeypatch):
     monkeypatch.setenv("RANK", "3"), monkeypatch.setenv("LOCAL_RANK", "1"), monkeypatch.setenv("WORLD_SIZE", "4")
     assert dist_info() == (True, 3, 1, 4)
 
+
+
+def test_cuda_rank_device_refuses_a_rank_without_a_gpu_unless_shared():
+    assert [cuda_rank_device(r, 2, share=False) for r in (0, 1)] == [0, 1]
+    assert [cuda_rank_device(r, 2, share=True) for r in range(5)] == [0, 1, 0, 1, 0]
+    with pytest.raises(DeviceError, match=r"local rank 1 has no GPU of its own: 1 visible.*--nproc_per_node=1.*"
+                                          r"NANOSFT_SHARE_GPUS=1"):
+        cuda_rank_device(1, 1, share=False)
+    with pytest.raises(DeviceError, match="no CUDA device is visible"):
+        cuda_rank_device(0, 0, share=True)
 
 # --- structure ---------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from typing import Callable, Iterable, TextIO
 from pipeline.cli import run_cli
 from pipeline.tokenizer import ChatTokenizer
 from trainer.checkpoint import CheckpointError
+from trainer.common import DeviceError
 from trainer.engine import Engine
 from trainer.inference import add_checkpoint_args, load_checkpoint
 
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:  # leaving a chat with Ctrl-C is not a failure
             print()
             return 0
-    return run_cli(body, errors=(CheckpointError,))
+    return run_cli(body, errors=(CheckpointError, DeviceError))
 
 
 if __name__ == "__main__":

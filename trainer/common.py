@@ -41,19 +41,47 @@ def dist_info() -> tuple[bool, int, int, int]:
     return False, 0, 0, 1
 
 
+class DeviceError(Exception):
+    """The ranks torchrun started do not fit the visible devices; the message says how to fix it."""
+
+
+# Several ranks on one GPU, for checking the multi-rank path on a one-GPU machine: local ranks wrap onto the
+# visible GPUs and the group runs over gloo (NCCL refuses two ranks on one device). Slow: for checks only.
+SHARE_GPUS_ENV = "NANOSFT_SHARE_GPUS"
+
+
+def cuda_rank_device(local_rank: int, visible: int, share: bool) -> int:
+    """The CUDA device index of a local rank: its own GPU, or (sharing) the GPUs in turn."""
+    if visible == 0:
+        raise DeviceError("--device-type cuda, but no CUDA device is visible (CUDA_VISIBLE_DEVICES?)")
+    if local_rank < visible:
+        return local_rank
+    if share:
+        return local_rank % visible
+    raise DeviceError(f"local rank {local_rank} has no GPU of its own: {visible} visible. Start at most {visible} "
+                      f"per node (torchrun --nproc_per_node={visible}), or set {SHARE_GPUS_ENV}=1 to run several "
+                      "ranks per GPU over gloo (slow; for checks only)")
+
+
 def init_distributed(device_type: str = "") -> tuple[bool, int, int, int, torch.device]:
     """(is_ddp, rank, local_rank, world_size, device): the device (autodetected when empty), TF32 matmuls on
-    CUDA, and the process group joined under torchrun (NCCL on CUDA, gloo elsewhere)."""
+    CUDA, and the process group joined under torchrun (NCCL on CUDA, gloo elsewhere or when ranks share GPUs)."""
     ddp, rank, local_rank, world = dist_info()
     device_type = device_type or autodetect_device()
-    device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device(device_type)
+    share = os.environ.get(SHARE_GPUS_ENV, "") not in ("", "0")
+    if device_type == "cuda":
+        visible = torch.cuda.device_count()
+        device = torch.device("cuda", cuda_rank_device(local_rank, visible, share))
+        share = share and int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)) > visible
+    else:
+        device = torch.device(device_type)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if ddp and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+        nccl = device.type == "cuda" and not share
+        dist.init_process_group("nccl" if nccl else "gloo", device_id=device if nccl else None)
     return ddp, rank, local_rank, world, device
 
 

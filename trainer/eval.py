@@ -20,7 +20,7 @@ import torch.distributed as dist
 from pipeline.cli import run_cli
 from pipeline.manifest import write_json_atomic
 from trainer.checkpoint import CheckpointError, base_dir
-from trainer.common import print0
+from trainer.common import DeviceError, print0
 from trainer.evaluate import LOADERS, chatcore, describe_files
 from trainer.inference import add_checkpoint_args, load_checkpoint
 
@@ -94,7 +94,7 @@ def run(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return run_cli(lambda: run(args), errors=(CheckpointError,))
+        return run_cli(lambda: run(args), errors=(CheckpointError, DeviceError))
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
