@@ -153,18 +153,27 @@ def profile_split(step_fn, steps: int, top: int) -> tuple[dict, int, list, list]
             step_fn()
         if gpu:
             torch.cuda.synchronize()
-    per_kernel: dict[str, float] = {}
-    graphs = set()
-    for ev in prof.events():
-        if ev.name.startswith("## Call CompiledFxGraph"):  # a GPU-side span over a graph's kernels, not one
-            graphs.add(ev.name)
-        elif ev.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[ev.name] = per_kernel.get(ev.name, 0.0) + ev.device_time / 1e3 / steps  # ms per step
+    per_kernel, graphs = kernel_times(prof.events(), steps)
     split = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     for kname, ms in per_kernel.items():
         split[kernel_category(kname)] += ms
     ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]
-    return split, len(graphs), ranked, rank_ops(prof, steps, top) if top else []
+    return split, graphs, ranked, rank_ops(prof, steps, top) if top else []
+
+
+def kernel_times(events, steps: int) -> tuple[dict[str, float], int]:
+    """(GPU ms per step of each kernel name, distinct compiled graphs run). GPU-side spans are not kernels:
+    inductor's `## Call CompiledFxGraph` covers its graph's kernels (counted as graphs), and a user annotation
+    such as the profiler's `Optimizer.step#MuonAdamW.step` covers the optimizer's; counted as kernel time,
+    either one counts the same work twice."""
+    per_kernel: dict[str, float] = {}
+    graphs = set()
+    for ev in events:
+        if ev.name.startswith("## Call CompiledFxGraph"):
+            graphs.add(ev.name)
+        elif ev.device_type == torch.autograd.DeviceType.CUDA and not getattr(ev, "is_user_annotation", False):
+            per_kernel[ev.name] = per_kernel.get(ev.name, 0.0) + ev.device_time / 1e3 / steps
+    return per_kernel, len(graphs)
 
 
 def rank_ops(prof, steps: int, top: int, device: bool = True) -> list[tuple[str, str, float]]:
@@ -173,7 +182,8 @@ def rank_ops(prof, steps: int, top: int, device: bool = True) -> list[tuple[str,
     library's autograd) as aten::... with the shapes that locate them. device=False ranks CPU time instead."""
     attr = "self_device_time_total" if device else "self_cpu_time_total"
     rows = [(ev.key, str(ev.input_shapes), getattr(ev, attr) / 1e3 / steps)
-            for ev in prof.key_averages(group_by_input_shape=True) if getattr(ev, attr) > 0]
+            for ev in prof.key_averages(group_by_input_shape=True)
+            if getattr(ev, attr) > 0 and not getattr(ev, "is_user_annotation", False)]  # spans, as in kernel_times
     return sorted(rows, key=lambda r: -r[2])[:top]
 
 
@@ -397,7 +407,8 @@ def main() -> int:
     for key, value in parse_settings(args.inductor).items():
         setattr(torch._inductor.config, key, value)
     print0(f"# settings {json.dumps(current_settings())}, inductor {args.inductor or 'defaults'}")
-    print0(f"# {torch.cuda.get_device_name(device)} x {world}, torch {torch.__version__}")
+    gpu = torch.cuda.get_device_name(device)
+    print0(f"# {world} rank(s) on {torch.cuda.device_count()} x {gpu}, torch {torch.__version__}")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         reader = synthetic_snapshot(Path(tmp), args.rows, args.seq_len, args.vocab)

@@ -66,16 +66,17 @@ def test_rank_ops_names_the_op_and_shapes_behind_the_time(bench):
     """--profile's op table: the launching op with its input shapes, heaviest first, per step (here on CPU
     time: the GPU's is ranked the same way)."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
     a, b = torch.randn(512, 1024), torch.randn(1024, 512).t()  # a strided operand, as a fallback kernel gets
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(2):
-            for _ in range(20):
-                a * b
+            with record_function("a_span"):  # a user annotation, as the graphs' and Optimizer.step's are: no op
+                for _ in range(20):
+                    a * b
             torch.add(a[:4], 1.0)
     ops = bench.rank_ops(prof, steps=2, top=50, device=False)
     names = [op for op, _, _ in ops]
-    assert "aten::mul" in names and "aten::add" in names
+    assert "aten::mul" in names and "aten::add" in names and "a_span" not in names
     assert [ms for _, _, ms in ops] == sorted((ms for _, _, ms in ops), reverse=True)
     mul = next(r for r in ops if r[0] == "aten::mul")
     add = next(r for r in ops if r[0] == "aten::add")
@@ -106,6 +107,24 @@ def test_profile_split_counts_the_compiled_graphs_run(bench):
         assert split == {"matmul": 0.0, "attention": 0.0, "other": 0.0} and ranked == []  # no GPU here
         assert ops == []  # ranked by GPU time, of which a CPU run has none
 
+
+
+def test_kernel_times_leave_out_the_gpu_spans(bench):
+    """Step 7's d20-moe profile filed the optimizer's GPU-side annotation (79 ms) as a kernel beside the kernels
+    it covers; the graphs' spans likewise. Only real kernels are timed, per step."""
+    from types import SimpleNamespace as Ev
+    import torch
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [Ev(name="## Call CompiledFxGraph fabc", device_type=cuda, device_time=9000.0, is_user_annotation=True),
+              Ev(name="## Call CompiledFxGraph fabc", device_type=cuda, device_time=9000.0, is_user_annotation=True),
+              Ev(name="## Call CompiledFxGraph fdef", device_type=cpu, device_time=0.0, is_user_annotation=False),
+              Ev(name="Optimizer.step#MuonAdamW.step", device_type=cuda, device_time=8000.0, is_user_annotation=True),
+              Ev(name="nvjet_sm90_tst", device_type=cuda, device_time=3000.0, is_user_annotation=False),
+              Ev(name="nvjet_sm90_tst", device_type=cuda, device_time=1000.0, is_user_annotation=False),
+              Ev(name="triton_poi_fused_add", device_type=cuda, device_time=500.0, is_user_annotation=False),
+              Ev(name="aten::mm", device_type=cpu, device_time=0.0, is_user_annotation=False)]
+    per_kernel, graphs = bench.kernel_times(events, steps=2)
+    assert per_kernel == {"nvjet_sm90_tst": 2.0, "triton_poi_fused_add": 0.25} and graphs == 2
 
 def test_kernel_category_of_the_step_kernels(bench):
     """The split's buckets for kernels of a measured d12 step (bench/RESULTS.md, step 7): the fused MLP GEMM is
