@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.shard_format import ShardMeta, ShardRows, SplitReader, write_shard  # noqa: E402
-from trainer.common import SHARE_GPUS_ENV, get_peak_flops, init_distributed, print0  # noqa: E402
+from trainer.common import SHARE_GPUS_ENV, get_peak_flops, init_distributed, print0, share_gpus  # noqa: E402
 from trainer.config import GPTConfig  # noqa: E402
 from trainer.data import RowSchedule, StepLoader  # noqa: E402
 import trainer.model as model_module  # noqa: E402
@@ -454,7 +453,7 @@ def run_scaling(args, single: list[dict]) -> int:
     """The same bench under torchrun on `args.scaling` GPUs; tokens/s there over N x tokens/s on one GPU."""
     n, gpus = args.scaling, torch.cuda.device_count()
     if gpus < n:
-        if os.environ.get(SHARE_GPUS_ENV, "") in ("", "0"):
+        if not share_gpus():
             print(f"--scaling {n}: this machine has {gpus} GPU(s)")
             return 1
         print(f"# {SHARE_GPUS_ENV}: {n} ranks on {gpus} GPU(s) over gloo: this checks the multi-rank run, "

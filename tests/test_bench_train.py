@@ -108,7 +108,6 @@ def test_profile_split_counts_the_compiled_graphs_run(bench):
         assert ops == []  # ranked by GPU time, of which a CPU run has none
 
 
-
 def test_kernel_times_leave_out_the_gpu_spans(bench):
     """Step 7's d20-moe profile filed the optimizer's GPU-side annotation (79 ms) as a kernel beside the kernels
     it covers; the graphs' spans likewise. Only real kernels are timed, per step."""
@@ -125,6 +124,7 @@ def test_kernel_times_leave_out_the_gpu_spans(bench):
               Ev(name="aten::mm", device_type=cpu, device_time=0.0, is_user_annotation=False)]
     per_kernel, graphs = bench.kernel_times(events, steps=2)
     assert per_kernel == {"nvjet_sm90_tst": 2.0, "triton_poi_fused_add": 0.25} and graphs == 2
+
 
 def test_kernel_category_of_the_step_kernels(bench):
     """The split's buckets for kernels of a measured d12 step (bench/RESULTS.md, step 7): the fused MLP GEMM is

@@ -131,7 +131,6 @@ def test_overwrite_replaces_only_the_previous_runs_files(tmp_path, capsys):
     claim_output(tmp_path / "nowhere", fresh, master=True, ddp=False)
 
 
-
 def _claim_worker(rank: int, tmp: str, case: str) -> None:
     """Two gloo ranks claim one output folder. "late": rank 1 looks 0.5 s after rank 0, who writes its
     metrics.jsonl as soon as its claim returns. "split": each rank has its own folder (nodes without a shared
@@ -172,6 +171,7 @@ def test_ranks_claim_the_output_together(tmp_path, case):
     else:  # both stop, neither waits for the other at the next collective
         assert verdicts[0].startswith("refused") and "files that another rank sees" in verdicts[0]
         assert verdicts[1].startswith("refused") and "1 files, e.g. model_000003.pt" in verdicts[1]
+
 
 def test_layout_paths_and_stale_temps(tmp_path):
     assert owned_dir(tmp_path) == tmp_path / "nanosft" and demo_dir(tmp_path) == tmp_path / "nanosft" / "demo"

@@ -90,7 +90,6 @@ def test_compute_dtype_and_dist_info(monkeypatch):
     assert dist_info() == (True, 3, 1, 4)
 
 
-
 def test_cuda_rank_device_refuses_a_rank_without_a_gpu_unless_shared():
     assert [cuda_rank_device(r, 2, share=False) for r in (0, 1)] == [0, 1]
     assert [cuda_rank_device(r, 2, share=True) for r in range(5)] == [0, 1, 0, 1, 0]
@@ -99,6 +98,7 @@ def test_cuda_rank_device_refuses_a_rank_without_a_gpu_unless_shared():
         cuda_rank_device(1, 1, share=False)
     with pytest.raises(DeviceError, match="no CUDA device is visible"):
         cuda_rank_device(0, 0, share=True)
+
 
 # --- structure ---------------------------------------------------------------------------------
 

@@ -511,7 +511,6 @@ def test_step_without_a_supervised_target_is_skipped(snap, base, tmp_path, monke
     assert all(np.isfinite(list(train_losses(base / "chatsft_checkpoints" / "d2").values())))
 
 
-
 # --- two ranks ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

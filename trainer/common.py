@@ -50,6 +50,11 @@ class DeviceError(Exception):
 SHARE_GPUS_ENV = "NANOSFT_SHARE_GPUS"
 
 
+def share_gpus() -> bool:
+    """Whether NANOSFT_SHARE_GPUS asks for several ranks per GPU."""
+    return os.environ.get(SHARE_GPUS_ENV, "") not in ("", "0")
+
+
 def cuda_rank_device(local_rank: int, visible: int, share: bool) -> int:
     """The CUDA device index of a local rank: its own GPU, or (sharing) the GPUs in turn."""
     if visible == 0:
@@ -68,20 +73,20 @@ def init_distributed(device_type: str = "") -> tuple[bool, int, int, int, torch.
     CUDA, and the process group joined under torchrun (NCCL on CUDA, gloo elsewhere or when ranks share GPUs)."""
     ddp, rank, local_rank, world = dist_info()
     device_type = device_type or autodetect_device()
-    share = os.environ.get(SHARE_GPUS_ENV, "") not in ("", "0")
+    backend = "gloo"
     if device_type == "cuda":
-        visible = torch.cuda.device_count()
+        visible, share = torch.cuda.device_count(), share_gpus()
         device = torch.device("cuda", cuda_rank_device(local_rank, visible, share))
-        share = share and int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)) > visible
-    else:
-        device = torch.device(device_type)
-    if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        # NCCL needs a GPU per rank; only ranks that do share one fall back to gloo
+        crowded = share and int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1)) > visible
+        backend = "gloo" if crowded else "nccl"
+    else:
+        device = torch.device(device_type)
     if ddp and not dist.is_initialized():
-        nccl = device.type == "cuda" and not share
-        dist.init_process_group("nccl" if nccl else "gloo", device_id=device if nccl else None)
+        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
     return ddp, rank, local_rank, world, device
 
 
